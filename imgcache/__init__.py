@@ -1,0 +1,1 @@
+"""imgcache: pre-pull and pin container images on Kubernetes nodes."""
