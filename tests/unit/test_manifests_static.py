@@ -208,7 +208,7 @@ EXPECTED_ROLE = [
     {
         "apiGroups": [""],
         "resources": ["pods"],
-        "verbs": ["get", "list", "watch", "create", "delete"],
+        "verbs": ["get", "list", "watch", "create", "delete", "deletecollection"],
     },
     {
         "apiGroups": ["apps"],
