@@ -1,0 +1,385 @@
+"""The one module that talks to kubernetes_asyncio.
+
+Everything else in imgcache works on plain JSON dicts and typed objects, so the client
+library can change without touching controller logic. Requests go through the raw REST
+layer: list and watch responses are parsed straight from JSON instead of through the
+generated models, which keeps memory small with thousands of nodes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import anyio
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+JSON = dict[str, Any]
+JSONList = list[JSON]
+FIELD_MANAGER = "imgcache"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A Kubernetes resource collection: API prefix, plural name and scope."""
+
+    prefix: str
+    plural: str
+    namespaced: bool
+    kind: str
+
+    def path(self, namespace: str | None = None, name: str | None = None) -> str:
+        parts = [self.prefix]
+        if self.namespaced and namespace:
+            parts.append(f"namespaces/{namespace}")
+        parts.append(self.plural)
+        if name:
+            parts.append(name)
+        return "/".join(parts)
+
+
+NODES = Resource("/api/v1", "nodes", False, "Node")
+PODS = Resource("/api/v1", "pods", True, "Pod")
+EVENTS = Resource("/api/v1", "events", True, "Event")
+DAEMONSETS = Resource("/apis/apps/v1", "daemonsets", True, "DaemonSet")
+LEASES = Resource("/apis/coordination.k8s.io/v1", "leases", True, "Lease")
+IMAGECACHES = Resource("/apis/imgcache.io/v1alpha1", "imagecaches", True, "ImageCache")
+
+
+class KubeConfigError(Exception):
+    """The kubeconfig or in-cluster configuration cannot be loaded."""
+
+
+class ApiError(Exception):
+    """A Kubernetes API request failed with an HTTP status or a connection error.
+
+    ``status`` is 0 when no HTTP response arrived (connection refused, reset, timeout).
+    """
+
+    def __init__(self, verb: str, path: str, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{verb} {path} failed: {status} {reason}: {message}")
+        self.verb = verb
+        self.path = path
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409 and self.reason != "AlreadyExists"
+
+    @property
+    def already_exists(self) -> bool:
+        return self.status == 409 and self.reason == "AlreadyExists"
+
+    @property
+    def forbidden(self) -> bool:
+        return self.status == 403
+
+    @property
+    def gone(self) -> bool:
+        return self.status == 410
+
+
+class WatchTimeout(Exception):
+    """A watch stream sent nothing, not even a bookmark, for longer than the read timeout."""
+
+
+ErrorHook = Callable[[str, int], None]
+
+
+class Kube:
+    """An authenticated connection to one API server."""
+
+    def __init__(self, api: k8s_client.ApiClient, on_error: ErrorHook | None = None) -> None:
+        self._api = api
+        self._on_error = on_error
+
+    @classmethod
+    async def connect(cls, kubeconfig: str | None, on_error: ErrorHook | None = None) -> Kube:
+        """Connect with ``kubeconfig``, or with the pod's ServiceAccount when it is None."""
+        configuration = k8s_client.Configuration()
+        try:
+            if kubeconfig:
+                await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            else:
+                k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except (ConfigException, OSError, ValueError, TypeError, KeyError) as error:
+            source = f"kubeconfig {kubeconfig!r}" if kubeconfig else "in-cluster configuration"
+            hint = (
+                "check the path and that its current context names a cluster and user"
+                if kubeconfig
+                else "run inside a pod with a ServiceAccount token, or pass --kubeconfig PATH"
+            )
+            raise KubeConfigError(f"cannot load {source}: {error}; {hint}") from error
+        api = k8s_client.ApiClient(configuration)
+        return cls(api, on_error)
+
+    @property
+    def server(self) -> str:
+        return str(self._api.configuration.host)
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    # -- raw requests ------------------------------------------------------
+
+    async def _request(
+        self,
+        verb: str,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | aiohttp.ClientTimeout = 30.0,
+    ) -> aiohttp.ClientResponse:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        params = [(key, value) for key, value in (query or {}).items() if value is not None]
+        try:
+            response: aiohttp.ClientResponse = await self._api.call_api(
+                path,
+                method,
+                query_params=params,
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=timeout,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            self._count_error(verb, 0)
+            raise ApiError(verb, path, 0, type(error).__name__, str(error)) from error
+        if response.status >= 300:
+            await self._raise_for_status(verb, path, response)
+        return response
+
+    async def _raise_for_status(self, verb: str, path: str, response: aiohttp.ClientResponse) -> None:
+        text = await response.text()
+        response.release()
+        reason, message = response.reason or "", text
+        try:
+            status = json.loads(text)
+            reason = status.get("reason") or reason
+            message = status.get("message") or message
+        except ValueError:
+            pass
+        self._count_error(verb, response.status)
+        raise ApiError(verb, path, response.status, str(reason), str(message))
+
+    def _count_error(self, verb: str, status: int) -> None:
+        if self._on_error is not None:
+            self._on_error(verb, status)
+
+    async def _json(self, verb: str, method: str, path: str, **kwargs: Any) -> JSON:
+        response = await self._request(verb, method, path, **kwargs)
+        try:
+            data: JSON = await response.json(content_type=None)
+        except (aiohttp.ClientError, ValueError, TimeoutError) as error:
+            self._count_error(verb, 0)
+            raise ApiError(verb, path, 0, type(error).__name__, str(error)) from error
+        finally:
+            response.release()
+        return data
+
+    # -- verbs -------------------------------------------------------------
+
+    async def get(self, resource: Resource, name: str, namespace: str | None = None) -> JSON:
+        return await self._json("get", "GET", resource.path(namespace, name))
+
+    async def list(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        page_size: int = 500,
+    ) -> tuple[JSONList, str]:
+        """List every object, page by page; return the items and the list's resourceVersion."""
+        items: JSONList = []
+        continue_token: str | None = None
+        while True:
+            page = await self._json(
+                "list",
+                "GET",
+                resource.path(namespace),
+                query={
+                    "labelSelector": label_selector,
+                    "fieldSelector": field_selector,
+                    "limit": page_size,
+                    "continue": continue_token,
+                },
+            )
+            items.extend(page.get("items") or [])
+            metadata = page.get("metadata") or {}
+            continue_token = metadata.get("continue")
+            if not continue_token:
+                return items, str(metadata.get("resourceVersion", ""))
+
+    async def watch(
+        self,
+        resource: Resource,
+        resource_version: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        timeout_seconds: int = 300,
+        read_timeout: float = 330.0,
+    ) -> AsyncIterator[JSON]:
+        """Yield watch events from ``resource_version`` with bookmarks on.
+
+        The server closes the stream after ``timeout_seconds``. If no bytes arrive for
+        ``read_timeout`` seconds the connection is presumed dead and WatchTimeout is raised.
+        """
+        response = await self._request(
+            "watch",
+            "GET",
+            resource.path(namespace),
+            query={
+                "watch": "true",
+                "allowWatchBookmarks": "true",
+                "resourceVersion": resource_version,
+                "timeoutSeconds": timeout_seconds,
+                "labelSelector": label_selector,
+                "fieldSelector": field_selector,
+            },
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
+        )
+        buffer = b""
+        try:
+            while True:
+                with anyio.move_on_after(read_timeout) as scope:
+                    chunk = await response.content.readany()
+                if scope.cancelled_caught:
+                    raise WatchTimeout(f"watch {resource.plural} sent nothing for {read_timeout:.0f} s")
+                if not chunk:
+                    return
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        except (aiohttp.ClientError, OSError) as error:
+            self._count_error("watch", 0)
+            raise ApiError("watch", resource.path(namespace), 0, type(error).__name__, str(error)) from error
+        finally:
+            response.close()
+
+    async def create(self, resource: Resource, body: JSON, namespace: str | None = None) -> JSON:
+        return await self._json(
+            "create", "POST", resource.path(namespace), body=body, query={"fieldManager": FIELD_MANAGER}
+        )
+
+    async def delete(
+        self,
+        resource: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        grace_period_seconds: int | None = None,
+        uid: str | None = None,
+    ) -> bool:
+        """Delete an object; return False if it was already gone."""
+        options: JSON = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if grace_period_seconds is not None:
+            options["gracePeriodSeconds"] = grace_period_seconds
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        try:
+            response = await self._request("delete", "DELETE", resource.path(namespace, name), body=options)
+        except ApiError as error:
+            if error.not_found:
+                return False
+            raise
+        response.release()
+        return True
+
+    async def delete_collection(
+        self,
+        resource: Resource,
+        namespace: str,
+        *,
+        label_selector: str,
+        field_selector: str | None = None,
+        grace_period_seconds: int | None = None,
+    ) -> None:
+        options: JSON = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if grace_period_seconds is not None:
+            options["gracePeriodSeconds"] = grace_period_seconds
+        response = await self._request(
+            "deletecollection",
+            "DELETE",
+            resource.path(namespace),
+            query={"labelSelector": label_selector, "fieldSelector": field_selector},
+            body=options,
+        )
+        response.release()
+
+    async def merge_patch(
+        self,
+        resource: Resource,
+        name: str,
+        patch: JSON,
+        namespace: str | None = None,
+        *,
+        subresource: str | None = None,
+    ) -> JSON:
+        path = resource.path(namespace, name) + (f"/{subresource}" if subresource else "")
+        return await self._json(
+            "patch",
+            "PATCH",
+            path,
+            body=patch,
+            content_type="application/merge-patch+json",
+            query={"fieldManager": FIELD_MANAGER},
+        )
+
+    async def json_patch(
+        self, resource: Resource, name: str, operations: JSONList, namespace: str | None = None
+    ) -> JSON:
+        return await self._json(
+            "patch",
+            "PATCH",
+            resource.path(namespace, name),
+            body=operations,
+            content_type="application/json-patch+json",
+            query={"fieldManager": FIELD_MANAGER},
+        )
+
+    async def apply(
+        self,
+        resource: Resource,
+        name: str,
+        body: JSON,
+        namespace: str | None = None,
+        *,
+        subresource: str | None = None,
+    ) -> JSON:
+        """Server-side apply ``body`` as field manager ``imgcache``, taking over conflicts."""
+        path = resource.path(namespace, name) + (f"/{subresource}" if subresource else "")
+        return await self._json(
+            "apply",
+            "PATCH",
+            path,
+            body=body,
+            content_type="application/apply-patch+yaml",
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+        )
+
+    async def replace(self, resource: Resource, name: str, body: JSON, namespace: str | None = None) -> JSON:
+        return await self._json(
+            "update", "PUT", resource.path(namespace, name), body=body, query={"fieldManager": FIELD_MANAGER}
+        )

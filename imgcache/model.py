@@ -1,0 +1,171 @@
+"""Typed views of the Kubernetes objects imgcache reads.
+
+Watch events arrive as JSON; these constructors keep only the fields the controller uses,
+so thousands of nodes cost kilobytes each instead of whole Node objects.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = dict[str, Any]
+
+# Labels and annotations imgcache puts on what it owns.
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "imgcache"
+COMPONENT = "app.kubernetes.io/component"
+NODE_LABEL = "imgcache.io/node"
+IMAGE_HASH_LABEL = "imgcache.io/image-hash"
+IMAGE_ANNOTATION = "imgcache.io/image"
+NODE_NAME_ANNOTATION = "imgcache.io/node-name"
+# Node annotations that record prepull results, so a restart repeats nothing.
+DONE_ANNOTATION = "imgcache.io/prepulled"
+FAILED_ANNOTATION = "imgcache.io/prepull-failed"
+PROGRESS_ANNOTATION = "imgcache.io/prepull-progress"
+
+
+def parse_time(text: str | None) -> float:
+    """Return a Kubernetes RFC 3339 timestamp as seconds since the epoch (0 if absent)."""
+    if not text:
+        return 0.0
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass(frozen=True)
+class Taint:
+    key: str
+    value: str
+    effect: str
+
+
+@dataclass(frozen=True)
+class Node:
+    """The parts of a Node that prepull and pinning decisions need."""
+
+    name: str
+    uid: str
+    os: str
+    arch: str
+    labels: dict[str, str]
+    taints: tuple[Taint, ...]
+    ready: bool
+    created: float
+    done: frozenset[str] = frozenset()
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def platform(self) -> str:
+        return f"{self.os}/{self.arch}"
+
+    def has_taint(self, key: str) -> bool:
+        return any(taint.key == key for taint in self.taints)
+
+
+def node_from_json(obj: JSON) -> Node:
+    metadata = obj.get("metadata") or {}
+    labels = dict(metadata.get("labels") or {})
+    annotations = metadata.get("annotations") or {}
+    status = obj.get("status") or {}
+    info = status.get("nodeInfo") or {}
+    taints = tuple(
+        Taint(str(t.get("key", "")), str(t.get("value", "")), str(t.get("effect", "")))
+        for t in (obj.get("spec") or {}).get("taints") or []
+    )
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    done = frozenset(h for h in str(annotations.get(DONE_ANNOTATION, "")).split(",") if h)
+    failed: dict[str, str] = {}
+    for item in str(annotations.get(FAILED_ANNOTATION, "")).split(","):
+        image_hash, _, failure = item.partition(":")
+        if image_hash:
+            failed[image_hash] = failure or "other"
+    return Node(
+        name=str(metadata.get("name", "")),
+        uid=str(metadata.get("uid", "")),
+        os=labels.get("kubernetes.io/os") or str(info.get("operatingSystem") or "linux"),
+        arch=labels.get("kubernetes.io/arch") or str(info.get("architecture") or "amd64"),
+        labels=labels,
+        taints=taints,
+        ready=ready,
+        created=parse_time(metadata.get("creationTimestamp")),
+        done=done,
+        failed=failed,
+    )
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """One container's pull-relevant status."""
+
+    name: str
+    image_id: str
+    waiting_reason: str
+    waiting_message: str
+    running: bool
+    terminated: bool
+    exit_code: int | None
+
+
+@dataclass(frozen=True)
+class Pod:
+    """An imgcache-owned pod, as far as the scheduler and pinner care."""
+
+    name: str
+    namespace: str
+    uid: str
+    node_name: str
+    node_key: str
+    image_hash: str
+    image: str
+    component: str
+    phase: str
+    reason: str
+    created: float
+    deleting: bool
+    containers: tuple[ContainerState, ...]
+    init_containers: tuple[ContainerState, ...]
+
+
+def _container_states(statuses: list[JSON] | None) -> tuple[ContainerState, ...]:
+    states = []
+    for status in statuses or []:
+        state = status.get("state") or {}
+        waiting = state.get("waiting") or {}
+        terminated = state.get("terminated")
+        states.append(
+            ContainerState(
+                name=str(status.get("name", "")),
+                image_id=str(status.get("imageID") or ""),
+                waiting_reason=str(waiting.get("reason") or ""),
+                waiting_message=str(waiting.get("message") or ""),
+                running="running" in state,
+                terminated=terminated is not None,
+                exit_code=int(terminated["exitCode"]) if terminated and "exitCode" in terminated else None,
+            )
+        )
+    return tuple(states)
+
+
+def pod_from_json(obj: JSON) -> Pod:
+    metadata = obj.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    annotations = metadata.get("annotations") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    return Pod(
+        name=str(metadata.get("name", "")),
+        namespace=str(metadata.get("namespace", "")),
+        uid=str(metadata.get("uid", "")),
+        node_name=str(spec.get("nodeName") or annotations.get(NODE_NAME_ANNOTATION) or ""),
+        node_key=str(labels.get(NODE_LABEL, "")),
+        image_hash=str(labels.get(IMAGE_HASH_LABEL, "")),
+        image=str(annotations.get(IMAGE_ANNOTATION, "")),
+        component=str(labels.get(COMPONENT, "")),
+        phase=str(status.get("phase") or "Pending"),
+        reason=str(status.get("reason") or ""),
+        created=parse_time(metadata.get("creationTimestamp")),
+        deleting=bool(metadata.get("deletionTimestamp")),
+        containers=_container_states(status.get("containerStatuses")),
+        init_containers=_container_states(status.get("initContainerStatuses")),
+    )

@@ -1,0 +1,425 @@
+"""Prepull decisions: which (node, image) pairs to start next, and what a pod's state means.
+
+This module does no I/O. It holds the cluster's prepull state (rebuilt from node
+annotations and existing prepull pods after a restart) and returns actions for the
+prepull worker to carry out, so tests can drive every decision with plain objects and
+an injected clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from imgcache.catalogue import Catalogue, CatalogueImage
+from imgcache.classify import PERMANENT, FailureClass, classify
+from imgcache.model import Node, Pod
+from imgcache.ratelimit import AdaptiveBucket
+
+log = structlog.get_logger(__name__)
+
+PULL_ERROR_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+PREPULL_CONTAINER = "prepull"
+PREPULL_COMPONENT = "prepull"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Concurrency and retry limits of the prepull scheduler (seconds, pulls per second)."""
+
+    max_inflight: int = 40
+    max_inflight_per_node: int = 4
+    registry_qps: float = 20.0
+    registry_burst: int = 20
+    registry_min_qps: float = 0.5
+    prepull_deadline: float = 900.0
+    pod_deadline: float = 600.0
+    retry_initial: float = 5.0
+    retry_max: float = 120.0
+    startup_taint: str | None = None
+    startup_taint_deadline: float = 600.0
+
+
+def node_key(node: Node) -> str:
+    """Return a short id of one node incarnation; a re-created node gets a new key."""
+    return hashlib.sha256(f"{node.name}/{node.uid}".encode()).hexdigest()[:10]
+
+
+def pod_name(key: str, image_hash: str) -> str:
+    return f"imgcache-prepull-{key}-{image_hash}"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Create the prepull pod for one image on one node."""
+
+    node: Node
+    key: str
+    image: CatalogueImage
+    pod_name: str
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A classified pull failure, reported once per (node, image, class) by the caller."""
+
+    node: str
+    pod: str
+    image: str
+    registry: str
+    failure: FailureClass
+    message: str
+    permanent: bool
+    gave_up: bool
+
+
+@dataclass
+class NodeState:
+    """Prepull progress of one node incarnation."""
+
+    node: Node
+    key: str
+    done: set[str]
+    failed: dict[str, str]
+    inflight: dict[str, str] = field(default_factory=dict)
+    retry_at: dict[str, float] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    first_try: dict[str, float] = field(default_factory=dict)
+    succeeded: set[str] = field(default_factory=set)
+    dirty: bool = False
+    complete: bool = False
+    warm_recorded: bool = False
+    resource_version: str = ""
+
+
+@dataclass
+class Progress:
+    """Counts for one node's progress annotation."""
+
+    done: int
+    pending: int
+    failed: int
+    inflight: int
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {"done": self.done, "pending": self.pending, "failed": self.failed, "inflight": self.inflight},
+            sort_keys=True,
+        )
+
+
+class Scheduler:
+    """Prepull state machine for every node; see the module docstring."""
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        limits: Limits,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.catalogue = catalogue
+        self.limits = limits
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.nodes: dict[str, NodeState] = {}
+        self.pods: dict[str, Pod] = {}
+        self.buckets: dict[str, AdaptiveBucket] = {}
+        self.rotation: deque[str] = deque()
+        self.inflight = 0
+        self.quota_caps: dict[str, float] = {}
+        # Pods this scheduler asked to delete; their later events are ignored.
+        self.deleting: set[str] = set()
+
+    # -- nodes -------------------------------------------------------------
+
+    def set_node(self, node: Node, resource_version: str = "") -> list[DeletePod]:
+        """Record a node; a new uid under a known name replaces the old incarnation."""
+        actions: list[DeletePod] = []
+        state = self.nodes.get(node.name)
+        if state is not None and state.node.uid != node.uid:
+            actions += self.remove_node(node.name)
+            state = None
+        if state is None:
+            state = NodeState(node=node, key=node_key(node), done=set(node.done), failed=dict(node.failed))
+            self.nodes[node.name] = state
+            self.rotation.append(node.name)
+        else:
+            state.node = node
+            # Annotations written by an earlier leader are merged, never dropped.
+            state.done |= node.done
+            for image_hash, failure in node.failed.items():
+                state.failed.setdefault(image_hash, failure)
+        state.resource_version = resource_version
+        return actions
+
+    def remove_node(self, name: str) -> list[DeletePod]:
+        state = self.nodes.pop(name, None)
+        if state is None:
+            return []
+        self.inflight -= len(state.inflight)
+        self.rotation = deque(n for n in self.rotation if n != name)
+        return [
+            DeletePod(p, "node_deleted")
+            for p in list(state.inflight.values()) + sorted(pod_name(state.key, h) for h in state.succeeded)
+        ]
+
+    def applicable(self, state: NodeState) -> list[CatalogueImage]:
+        return self.catalogue.prepull_images(state.node)
+
+    def progress(self, state: NodeState) -> Progress:
+        hashes = {image.hash for image in self.applicable(state)}
+        done = len(hashes & state.done)
+        failed = len(hashes & set(state.failed))
+        inflight = len(hashes & set(state.inflight))
+        return Progress(done=done, pending=len(hashes) - done - failed, failed=failed, inflight=inflight)
+
+    def is_complete(self, state: NodeState) -> bool:
+        return all(image.hash in state.done or image.hash in state.failed for image in self.applicable(state))
+
+    # -- planning ----------------------------------------------------------
+
+    def bucket(self, registry: str) -> AdaptiveBucket:
+        bucket = self.buckets.get(registry)
+        if bucket is None:
+            limits = self.limits
+            bucket = AdaptiveBucket(limits.registry_qps, limits.registry_burst, limits.registry_min_qps, self.clock())
+            if registry in self.quota_caps:
+                bucket.cap(self.quota_caps[registry])
+            self.buckets[registry] = bucket
+        return bucket
+
+    def queue_depth(self) -> int:
+        now = self.clock()
+        return sum(len(self._waiting(state, now)) for state in self.nodes.values())
+
+    def _waiting(self, state: NodeState, now: float) -> list[CatalogueImage]:
+        return [
+            image
+            for image in self.applicable(state)
+            if image.hash not in state.done
+            and image.hash not in state.failed
+            and image.hash not in state.inflight
+            and state.retry_at.get(image.hash, 0.0) <= now
+        ]
+
+    def plan(self) -> tuple[list[Launch], float | None]:
+        """Choose pods to start now, one image per node per round, and when to plan again.
+
+        Nodes take turns, so a node that joins during another node's backlog gets the next
+        free slot instead of waiting for that backlog to drain.
+        """
+        now = self.clock()
+        launches: list[Launch] = []
+        wake: float | None = None
+        queues = {name: self._waiting(self.nodes[name], now) for name in self.rotation}
+        progressed = True
+        while progressed and self.inflight < self.limits.max_inflight:
+            progressed = False
+            for _ in range(len(self.rotation)):
+                name = self.rotation[0]
+                self.rotation.rotate(-1)
+                if self.inflight >= self.limits.max_inflight:
+                    break
+                state = self.nodes[name]
+                if len(state.inflight) >= self.limits.max_inflight_per_node:
+                    continue
+                launch, retry_in = self._take(state, queues[name], now)
+                if retry_in is not None:
+                    wake = retry_in if wake is None else min(wake, retry_in)
+                if launch is not None:
+                    launches.append(launch)
+                    progressed = True
+        for state in self.nodes.values():
+            for at in state.retry_at.values():
+                if at > now:
+                    wake = at - now if wake is None else min(wake, at - now)
+        return launches, wake
+
+    def _take(self, state: NodeState, queue: list[CatalogueImage], now: float) -> tuple[Launch | None, float | None]:
+        retry_in: float | None = None
+        for index, image in enumerate(queue):
+            bucket = self.bucket(image.resolved.registry)
+            if not bucket.try_acquire(now):
+                wait = bucket.wait_time(now)
+                retry_in = wait if retry_in is None else min(retry_in, wait)
+                continue
+            queue.pop(index)
+            name = pod_name(state.key, image.hash)
+            state.inflight[image.hash] = name
+            state.first_try.setdefault(image.hash, now)
+            self.inflight += 1
+            return Launch(state.node, state.key, image, name), retry_in
+        return None, retry_in
+
+    def launch_failed(self, launch: Launch, retry_after: float) -> None:
+        """Undo a reservation whose pod could not be created."""
+        state = self.nodes.get(launch.node.name)
+        self.bucket(launch.image.resolved.registry).release()
+        if state is None or state.inflight.get(launch.image.hash) != launch.pod_name:
+            return
+        del state.inflight[launch.image.hash]
+        self.inflight -= 1
+        state.retry_at[launch.image.hash] = self.clock() + retry_after
+
+    # -- pods --------------------------------------------------------------
+
+    def pod_changed(self, pod: Pod) -> tuple[list[DeletePod], list[Failure], list[NodeState]]:
+        """Interpret a prepull pod's state; return pods to delete, failures, and finished nodes."""
+        if pod.uid in self.deleting:
+            return [], [], []
+        state = self._state_for(pod)
+        if state is None:
+            self.pods.pop(pod.name, None)
+            if pod.deleting:
+                return [], [], []
+            self.deleting.add(pod.uid)
+            return [DeletePod(pod.name, "orphaned")], [], []
+        self.pods[pod.name] = pod
+        if pod.image_hash not in state.inflight and pod.image_hash not in state.done | state.succeeded:
+            # A pod created before a restart: adopt it instead of starting another.
+            state.inflight[pod.image_hash] = pod.name
+            state.first_try.setdefault(pod.image_hash, pod.created or self.clock())
+            self.inflight += 1
+        if pod.deleting or state.inflight.get(pod.image_hash) != pod.name:
+            return [], [], []
+        image = self.catalogue.images.get(pod.image_hash)
+        registry = image.resolved.registry if image else _registry_of(pod.image)
+        if _pulled(pod):
+            return [], [], self._succeeded(state, pod, registry)
+        failure = _pull_failure(pod)
+        if failure is not None:
+            reason, message = failure
+            return self._failed(state, pod, registry, classify(message, reason), message)
+        if pod.phase == "Failed":
+            message = f"pod failed with reason {pod.reason or 'unknown'} before the image was pulled"
+            return self._failed(state, pod, registry, FailureClass.OTHER, message)
+        return [], [], []
+
+    def pod_deleted(self, pod: Pod) -> None:
+        was_ours = pod.uid in self.deleting
+        self.deleting.discard(pod.uid)
+        current = self.pods.get(pod.name)
+        if current is not None and current.uid != pod.uid:
+            return  # A late event of an older pod with the same name.
+        self.pods.pop(pod.name, None)
+        state = self._state_for(pod)
+        if state is None or was_ours:
+            return
+        if state.inflight.get(pod.image_hash) == pod.name:
+            # Deleted by someone else before it finished: run it again.
+            del state.inflight[pod.image_hash]
+            self.inflight -= 1
+
+    def expired_pods(self) -> list[DeletePod]:
+        """Return pods running longer than the pod deadline; they are retried."""
+        now = self.clock()
+        expired = []
+        for pod in list(self.pods.values()):
+            state = self._state_for(pod)
+            if state is None or state.inflight.get(pod.image_hash) != pod.name or pod.deleting:
+                continue
+            if pod.created and now - pod.created > self.limits.pod_deadline:
+                del state.inflight[pod.image_hash]
+                self.inflight -= 1
+                self._schedule_retry(state, pod.image_hash, now)
+                self.deleting.add(pod.uid)
+                expired.append(DeletePod(pod.name, "deadline_exceeded"))
+        return expired
+
+    def _state_for(self, pod: Pod) -> NodeState | None:
+        state = self.nodes.get(pod.node_name)
+        if state is None or state.key != pod.node_key:
+            return None
+        return state
+
+    def _succeeded(self, state: NodeState, pod: Pod, registry: str) -> list[NodeState]:
+        now = self.clock()
+        del state.inflight[pod.image_hash]
+        self.inflight -= 1
+        state.done.add(pod.image_hash)
+        state.succeeded.add(pod.image_hash)
+        state.retry_at.pop(pod.image_hash, None)
+        state.dirty = True
+        self.bucket(registry).on_success(now)
+        if self.is_complete(state) and not state.inflight:
+            state.complete = True
+            return [state]
+        return []
+
+    def _failed(
+        self, state: NodeState, pod: Pod, registry: str, failure: FailureClass, message: str
+    ) -> tuple[list[DeletePod], list[Failure], list[NodeState]]:
+        now = self.clock()
+        del state.inflight[pod.image_hash]
+        self.inflight -= 1
+        permanent = failure in PERMANENT
+        if failure is FailureClass.THROTTLED:
+            self.bucket(registry).on_throttled(now)
+        gave_up = not permanent and now - state.first_try.get(pod.image_hash, now) > self.limits.prepull_deadline
+        if permanent or gave_up:
+            state.failed[pod.image_hash] = failure.value
+            state.dirty = True
+        else:
+            self._schedule_retry(state, pod.image_hash, now, throttled=failure is FailureClass.THROTTLED)
+        report = Failure(
+            node=state.node.name,
+            pod=pod.name,
+            image=pod.image,
+            registry=registry,
+            failure=failure,
+            message=message,
+            permanent=permanent,
+            gave_up=gave_up,
+        )
+        self.deleting.add(pod.uid)
+        finished = []
+        if (permanent or gave_up) and self.is_complete(state) and not state.inflight:
+            state.complete = True
+            finished.append(state)
+        return [DeletePod(pod.name, f"failed_{failure.value}")], [report], finished
+
+    def _schedule_retry(self, state: NodeState, image_hash: str, now: float, throttled: bool = False) -> None:
+        attempts = state.attempts.get(image_hash, 0) + 1
+        state.attempts[image_hash] = attempts
+        if throttled:
+            # The registry's token bucket already spaces out retries; a short jitter
+            # keeps retries of many nodes from lining up.
+            delay = self.rng.uniform(0.5, 1.5)
+        else:
+            ceiling = min(self.limits.retry_max, self.limits.retry_initial * 2 ** (attempts - 1))
+            delay = self.rng.uniform(ceiling / 2, ceiling)
+        state.retry_at[image_hash] = now + delay
+
+
+def _pulled(pod: Pod) -> bool:
+    if pod.phase == "Succeeded":
+        return True
+    for container in pod.containers:
+        if container.name == PREPULL_CONTAINER and (container.image_id or container.running or container.terminated):
+            return True
+    return False
+
+
+def _pull_failure(pod: Pod) -> tuple[str, str] | None:
+    for container in pod.init_containers + pod.containers:
+        if container.waiting_reason in PULL_ERROR_REASONS:
+            return container.waiting_reason, container.waiting_message
+    return None
+
+
+def _registry_of(image: str) -> str:
+    first = image.split("/", 1)[0]
+    return first if "/" in image and ("." in first or ":" in first or first == "localhost") else "docker.io"
