@@ -28,6 +28,7 @@ from imgcache.pinner import PINNER_COMPONENT, PinnerOptions
 from imgcache.pinning import PinnerReconciler
 from imgcache.prepull import PrepullWorker
 from imgcache.pull_events import PullEventObserver
+from imgcache.pullthrough import PullThroughRefresher
 from imgcache.rewrite import Rewriter
 from imgcache.scheduler import PREPULL_COMPONENT, Limits, Scheduler
 from imgcache.serving import build_app, serve
@@ -188,6 +189,7 @@ class Controller:
         self.pinner = PinnerReconciler(
             kube, self.catalogue, lambda: list(self.nodes.nodes.values()), options, metrics, settings.pin_debounce
         )
+        self.pull_through = PullThroughRefresher(settings, self.catalogue, self.scheduler, metrics)
         self.status = StatusWriter(kube, self.catalogue, self.scheduler, settings.status_interval, settings.identity)
         self.catalogue.subscribe(self._catalogue_changed)
         watch = WatchSettings(server_timeout=settings.watch_timeout, read_timeout=settings.watch_read_timeout)
@@ -264,11 +266,12 @@ class Controller:
             supervise(group, "status", self.status.run)
 
     async def run(self) -> None:
-        app = build_app(self.metrics.registry, self.ready, lambda: True)
+        app = build_app(self.metrics.registry, self.ready, lambda: True, self.pull_through.request_refresh)
         async with anyio.create_task_group() as group:
             supervise(group, "http", lambda: serve(app, self.settings.http_address, self.settings.http_port))
             for name, reflector in self.reflectors.items():
                 supervise(group, name, reflector.run)
+            supervise(group, "pullthrough", self.pull_through.run)
             if self.settings.leader_election:
                 supervise(group, "leader", lambda: self.elector.run(self.lead))
             else:

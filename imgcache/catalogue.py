@@ -209,7 +209,10 @@ class Catalogue:
         platforms_raw = entry.get("platforms")
         platforms = frozenset(str(p) for p in platforms_raw) if platforms_raw else None
         use_rewrite = object_pull_through and entry.get("pullThroughCache", True) is not False
-        resolved = self._rewriter.rewrite(ref).result if use_rewrite else ref
+        try:
+            resolved = self._rewriter.rewrite(ref).result if use_rewrite else ref
+        except InvalidReference as error:
+            return EntryReport(text, None, None, f"pull-through cache rewrite failed: {error}")
         digest = image_hash(resolved)
         scope = Scope(
             node_selector=selector,

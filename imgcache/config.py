@@ -98,21 +98,30 @@ def _boolean(text: str) -> bool:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number greater than 0, got {text!r}") from None
     if not value > 0:
         raise ValueError(f"must be greater than 0, got {text!r}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number greater than 0, got {text!r}") from None
     if value <= 0:
         raise ValueError(f"must be a whole number greater than 0, got {text!r}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a TCP port number, got {text!r}") from None
     if not 1 <= value <= 65535:
         raise ValueError(f"must be a TCP port between 1 and 65535, got {text!r}")
     return value
@@ -353,6 +362,18 @@ def build_parser(prog: str = "imgcache run") -> argparse.ArgumentParser:
         description="Run the imgcache controller. Every flag can also be set by the environment variable shown.",
     )
     for option in _OPTIONS:
+        if option.parse is _boolean:
+            # A bare boolean flag means true; --flag=false turns it off.
+            parser.add_argument(
+                option.flag,
+                dest=option.dest,
+                nargs="?",
+                const="true",
+                default=None,
+                metavar="BOOL",
+                help=f"{option.help} [env {option.env}]",
+            )
+            continue
         parser.add_argument(
             option.flag,
             dest=option.dest,

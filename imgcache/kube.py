@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.config.config_exception import ConfigException
@@ -113,7 +114,7 @@ class Kube:
                 await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
             else:
                 k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        except (ConfigException, OSError, ValueError, TypeError, KeyError) as error:
+        except (ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as error:
             source = f"kubeconfig {kubeconfig!r}" if kubeconfig else "in-cluster configuration"
             hint = (
                 "check the path and that its current context names a cluster and user"

@@ -1,5 +1,7 @@
 """The HTTP endpoint: /metrics for Prometheus, /healthz for liveness, /readyz for readiness.
 
+POST /pull-through/refresh re-reads the ECR pull-through cache rules at once.
+
 Ready means the watch caches are synced; a follower that is synced is ready too, so a
 rollout does not wait for leadership.
 """
@@ -13,7 +15,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
-def build_app(registry: CollectorRegistry, ready: Callable[[], bool], live: Callable[[], bool]) -> web.Application:
+def build_app(
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    live: Callable[[], bool],
+    refresh_rules: Callable[[], None] | None = None,
+) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -24,7 +31,13 @@ def build_app(registry: CollectorRegistry, ready: Callable[[], bool], live: Call
     async def readyz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n") if ready() else web.Response(status=503, text="caches not synced\n")
 
+    async def refresh(_: web.Request) -> web.Response:
+        if refresh_rules is not None:
+            refresh_rules()
+        return web.Response(status=202, text="pull-through cache rules refresh requested\n")
+
     app = web.Application()
+    app.router.add_post("/pull-through/refresh", refresh)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
