@@ -8,6 +8,7 @@ process exits 0 within the shutdown timeout.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -23,7 +24,16 @@ from imgcache.config import Settings
 from imgcache.kube import DAEMONSETS, EVENTS, IMAGECACHES, NODES, PODS, ApiError, Kube
 from imgcache.leader import ElectionSettings, LeaderElector
 from imgcache.metrics import Metrics
-from imgcache.model import COMPONENT, JSON, MANAGED_BY, MANAGER, Node, node_from_json, pod_from_json
+from imgcache.model import (
+    COMPONENT,
+    JSON,
+    MANAGED_BY,
+    MANAGER,
+    REGISTRIES_ANNOTATION,
+    Node,
+    node_from_json,
+    pod_from_json,
+)
 from imgcache.pinner import PINNER_COMPONENT, PinnerOptions
 from imgcache.pinning import PinnerReconciler
 from imgcache.prepull import PrepullWorker
@@ -231,8 +241,12 @@ class Controller:
                 settings.retry_period,
             ),
             on_change=lambda leading: metrics.leader.set(1 if leading else 0),
+            annotations=self._lease_annotations,
         )
         self.synced = anyio.Event()
+
+    def _lease_annotations(self) -> dict[str, str]:
+        return {REGISTRIES_ANNOTATION: json.dumps(self.scheduler.registry_summary(), sort_keys=True)}
 
     def ready(self) -> bool:
         return all(r.synced for r in self.reflectors.values())

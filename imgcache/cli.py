@@ -11,8 +11,8 @@ import anyio
 
 from imgcache import logs
 from imgcache.config import ConfigError, load
-from imgcache.kube import IMAGECACHES, NODES, ApiError, Kube, KubeConfigError
-from imgcache.model import PROGRESS_ANNOTATION, node_from_json
+from imgcache.kube import IMAGECACHES, LEASES, NODES, ApiError, Kube, KubeConfigError
+from imgcache.model import PROGRESS_ANNOTATION, REGISTRIES_ANNOTATION, node_from_json
 from imgcache.reference import InvalidReference, parse
 from imgcache.rewrite import Rewriter, parse_static_rule
 
@@ -92,10 +92,12 @@ def _status(argv: list[str]) -> int:
         prog="imgcache status", description="Print prepull progress read from the cluster."
     )
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster ServiceAccount)")
+    parser.add_argument("--namespace", default="imgcache-system", help="imgcache's namespace (default imgcache-system)")
+    parser.add_argument("--lease-name", default="imgcache-leader", help="leader Lease name (default imgcache-leader)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
     try:
-        report = anyio.run(_collect_status, args.kubeconfig)
+        report = anyio.run(_collect_status, args.kubeconfig, args.namespace, args.lease_name)
     except (KubeConfigError, ApiError) as error:
         print(f"imgcache: error: {error}", file=sys.stderr)
         return 1
@@ -106,13 +108,22 @@ def _status(argv: list[str]) -> int:
     return 0
 
 
-async def _collect_status(kubeconfig: str | None) -> dict[str, object]:
+async def _collect_status(kubeconfig: str | None, namespace: str, lease_name: str) -> dict[str, object]:
     kube = await Kube.connect(kubeconfig)
     try:
         nodes, _ = await kube.list(NODES)
         caches, _ = await kube.list(IMAGECACHES)
+        try:
+            lease = await kube.get(LEASES, lease_name, namespace)
+        except ApiError as error:
+            if not error.not_found:
+                raise
+            lease = {}
     finally:
         await kube.close()
+    lease_metadata = lease.get("metadata") or {}
+    registries = json.loads((lease_metadata.get("annotations") or {}).get(REGISTRIES_ANNOTATION, "{}"))
+    leader = (lease.get("spec") or {}).get("holderIdentity", "")
     node_rows = []
     for obj in nodes:
         node = node_from_json(obj)
@@ -134,7 +145,8 @@ async def _collect_status(kubeconfig: str | None) -> dict[str, object]:
                 "degraded": conditions.get("Degraded", {}).get("reason", ""),
             }
         )
-    return {"nodes": node_rows, "imagecaches": cache_rows}
+    registry_rows = [{"registry": name, **values} for name, values in sorted(registries.items())]
+    return {"leader": leader, "nodes": node_rows, "imagecaches": cache_rows, "registries": registry_rows}
 
 
 def format_status(report: dict[str, object]) -> str:
@@ -150,4 +162,10 @@ def format_status(report: dict[str, object]) -> str:
         lines.append(
             f"{row['imagecache'][:40]:40} {row['images']:>6} {row['ready']:6} {row['reason']:12} {row['degraded']}"
         )
+    lines.append("")
+    lines.append(f"{'REGISTRY':48} {'RATE/S':>8} {'MAX/S':>8} {'THROTTLED(5m)':>14}")
+    for row in report["registries"]:  # type: ignore[attr-defined]
+        lines.append(f"{row['registry'][:48]:48} {row['rate']:>8} {row['maxRate']:>8} {row['throttled5m']:>14}")
+    lines.append("")
+    lines.append(f"leader: {report['leader'] or 'none'}")
     return "\n".join(lines)

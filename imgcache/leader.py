@@ -44,10 +44,20 @@ def _now_rfc3339() -> str:
 class LeaderElector:
     """Acquires and renews one Lease; see the module docstring."""
 
-    def __init__(self, kube: Kube, settings: ElectionSettings, on_change: Callable[[bool], None]) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        settings: ElectionSettings,
+        on_change: Callable[[bool], None],
+        annotations: Callable[[], dict[str, str]] | None = None,
+    ) -> None:
         self.kube = kube
         self.settings = settings
         self.on_change = on_change
+        # Written onto the Lease at each renewal, so state such as the registries' rates
+        # reaches `imgcache status` without extra API requests.
+        self.annotations = annotations
+        self._lease: JSON | None = None
         self.leading = False
         self._observed: tuple[str, str] | None = None
         self._observed_at = 0.0
@@ -93,6 +103,11 @@ class LeaderElector:
                 )
 
     async def _try_acquire_or_renew(self) -> bool:
+        if self.leading and self._lease is not None:
+            # A renewal writes the Lease read last time; a conflict means another writer
+            # changed it, and the full read-check-write below decides again.
+            if await self._write(self._lease, renew=True):
+                return True
         s = self.settings
         try:
             lease = await self.kube.get(LEASES, s.name, s.namespace)
@@ -109,23 +124,35 @@ class LeaderElector:
         duration = float(spec.get("leaseDurationSeconds") or s.lease_duration)
         if holder and holder != s.identity and now - self._observed_at < duration:
             return False
+        return await self._write(lease, renew=holder == s.identity)
+
+    async def _write(self, lease: JSON, renew: bool) -> bool:
+        s = self.settings
+        spec: JSON = lease.get("spec") or {}
         transitions = int(spec.get("leaseTransitions") or 0)
         stamp = _now_rfc3339()
-        new_spec: JSON = {
-            "holderIdentity": s.identity,
-            "leaseDurationSeconds": int(s.lease_duration),
-            "renewTime": stamp,
-            "acquireTime": spec.get("acquireTime") if holder == s.identity else stamp,
-            "leaseTransitions": transitions if holder == s.identity else transitions + 1,
+        body = {
+            **lease,
+            "spec": {
+                "holderIdentity": s.identity,
+                "leaseDurationSeconds": int(s.lease_duration),
+                "renewTime": stamp,
+                "acquireTime": spec.get("acquireTime") if renew else stamp,
+                "leaseTransitions": transitions if renew else transitions + 1,
+            },
         }
-        lease["spec"] = new_spec
+        if self.annotations is not None:
+            metadata = dict(body.get("metadata") or {})
+            metadata["annotations"] = {**(metadata.get("annotations") or {}), **self.annotations()}
+            body["metadata"] = metadata
         try:
-            await self.kube.replace(LEASES, s.name, lease, s.namespace)
+            self._lease = await self.kube.replace(LEASES, s.name, body, s.namespace)
         except ApiError as error:
+            self._lease = None
             if error.conflict:
                 return False
             raise
-        self._observed, self._observed_at = (s.identity, stamp), now
+        self._observed, self._observed_at = (s.identity, stamp), time.monotonic()
         return True
 
     async def _create(self) -> bool:
@@ -144,7 +171,7 @@ class LeaderElector:
             },
         }
         try:
-            await self.kube.create(LEASES, body, s.namespace)
+            self._lease = await self.kube.create(LEASES, body, s.namespace)
         except ApiError as error:
             if error.already_exists:
                 return False

@@ -24,6 +24,8 @@ NODE_NAME_ANNOTATION = "imgcache.io/node-name"
 DONE_ANNOTATION = "imgcache.io/prepulled"
 FAILED_ANNOTATION = "imgcache.io/prepull-failed"
 PROGRESS_ANNOTATION = "imgcache.io/prepull-progress"
+# Lease annotation with each registry's adaptive rate and recent throttling.
+REGISTRIES_ANNOTATION = "imgcache.io/registries"
 
 
 def parse_time(text: str | None) -> float:

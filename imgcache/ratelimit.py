@@ -7,7 +7,8 @@ step. This is the congestion control of TCP applied to pull requests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 # A throttling burst usually answers many requests sent in the same second; only the
 # first response in this window lowers the rate, so one burst halves it once.
@@ -27,6 +28,7 @@ class AdaptiveBucket:
     rate: float = 0.0
     tokens: float = 0.0
     _last_decrease: float = float("-inf")
+    throttled_at: deque[float] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         self.rate = self.max_rate
@@ -64,6 +66,7 @@ class AdaptiveBucket:
     def on_throttled(self, now: float) -> bool:
         """Halve the rate, at most once per window; return True if it changed."""
         self._refill(now)
+        self.throttled_at.append(now)
         if now - self._last_decrease < _DECREASE_WINDOW_SECONDS:
             return False
         self._last_decrease = now
@@ -79,3 +82,9 @@ class AdaptiveBucket:
         """Keep the maximum rate below an externally known quota (such as ECR's)."""
         self.max_rate = max(self.min_rate, min(self.max_rate, quota))
         self.rate = min(self.rate, self.max_rate)
+
+    def recent_throttles(self, now: float, window: float = 300.0) -> int:
+        """Count throttling responses in the last ``window`` seconds."""
+        while self.throttled_at and self.throttled_at[0] < now - window:
+            self.throttled_at.popleft()
+        return len(self.throttled_at)

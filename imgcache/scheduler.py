@@ -201,6 +201,18 @@ class Scheduler:
             self.buckets[registry] = bucket
         return bucket
 
+    def registry_summary(self) -> dict[str, dict[str, float]]:
+        """Return each registry's adaptive rate and its throttling in the last 5 minutes."""
+        now = self.clock()
+        return {
+            registry: {
+                "rate": round(bucket.rate, 3),
+                "maxRate": round(bucket.max_rate, 3),
+                "throttled5m": bucket.recent_throttles(now),
+            }
+            for registry, bucket in sorted(self.buckets.items())
+        }
+
     def queue_depth(self) -> int:
         now = self.clock()
         return sum(len(self._waiting(state, now)) for state in self.nodes.values())
