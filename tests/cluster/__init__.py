@@ -1,0 +1,1 @@
+"""Tests that run against the local control plane (marker ``cluster``)."""
