@@ -12,8 +12,8 @@ import json
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -31,6 +31,7 @@ from imgcache.model import (
     MANAGER,
     REGISTRIES_ANNOTATION,
     Node,
+    Pod,
     node_from_json,
     pod_from_json,
 )
@@ -97,25 +98,25 @@ class PodStore:
     """Watch Handler for imgcache's prepull pods."""
 
     worker: PrepullWorker
-    names: set[str] = field(default_factory=set)
+    pods: dict[str, Pod] = field(default_factory=dict)
 
     def replace(self, objects: list[JSON]) -> None:
-        pods = [pod_from_json(obj) for obj in objects]
-        fresh = {pod.name for pod in pods}
-        for pod in pods:
+        fresh = {pod.name: pod for pod in (pod_from_json(obj) for obj in objects)}
+        for pod in fresh.values():
             self.worker.pod_upserted(pod)
-        for name in self.names - fresh:
-            self.worker.scheduler.pod_deleted(pod_from_json({"metadata": {"name": name}}))
-        self.names = fresh
+        for name in set(self.pods) - set(fresh):
+            # Deleted while the watch was down: report it with its last known state.
+            self.worker.pod_removed(self.pods[name])
+        self.pods = fresh
 
     def upsert(self, obj: JSON) -> None:
         pod = pod_from_json(obj)
-        self.names.add(pod.name)
+        self.pods[pod.name] = pod
         self.worker.pod_upserted(pod)
 
     def remove(self, obj: JSON) -> None:
         pod = pod_from_json(obj)
-        self.names.discard(pod.name)
+        self.pods.pop(pod.name, None)
         self.worker.pod_removed(pod)
 
 

@@ -98,9 +98,7 @@ DEFAULT_ECR_RATE_QUOTAS: Mapping[str, float] = {
 # ECR writes ROOT for a repository prefix that matches every repository name.
 _ROOT_PREFIX = "ROOT"
 
-_PERMISSION_ERROR_CODES = frozenset(
-    {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"}
-)
+_PERMISSION_ERROR_CODES = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"})
 _CREDENTIAL_ERROR_CODES = frozenset(
     {
         "ExpiredToken",
@@ -359,9 +357,7 @@ class AwsClient:
         except InvalidRegionError as error:
             raise AwsConfigurationError(f"invalid AWS region {region!r}: {_REGION_FIX}") from error
         except (CredentialRetrievalError, PartialCredentialsError) as error:
-            raise AwsCredentialsError(
-                f"AWS credentials are invalid ({error}): {_CREDENTIALS_FIX}"
-            ) from error
+            raise AwsCredentialsError(f"AWS credentials are invalid ({error}): {_CREDENTIALS_FIX}") from error
 
         for client in (self._sts, self._ecr, self._quotas):
             service_event = client.meta.service_model.service_id.hyphenize()
@@ -469,9 +465,7 @@ class AwsClient:
             upstream_registry=_registry_host(upstream_url),
             account=account,
             region=self.region,
-            upstream_repository_prefix=_repository_prefix(
-                entry.get("upstreamRepositoryPrefix", "")
-            ),
+            upstream_repository_prefix=_repository_prefix(entry.get("upstreamRepositoryPrefix", "")),
         )
 
     async def _read_rate_quota(self, api: str, quota_code: str) -> float:
@@ -479,9 +473,7 @@ class AwsClient:
 
         async def get_quota() -> ServiceQuotaTypeDef | None:
             try:
-                response = await self.quotas_client.get_service_quota(
-                    ServiceCode="ecr", QuotaCode=quota_code
-                )
+                response = await self.quotas_client.get_service_quota(ServiceCode="ecr", QuotaCode=quota_code)
             except ClientError as error:
                 if _error_code(error) == "NoSuchResourceException":
                     return None
@@ -534,8 +526,7 @@ class AwsClient:
             return denied
         if code in _CREDENTIAL_ERROR_CODES:
             return AwsCredentialsError(
-                f"AWS rejected the credentials for {action.operation} ({code}: {reason}): "
-                f"{_CREDENTIALS_FIX}",
+                f"AWS rejected the credentials for {action.operation} ({code}: {reason}): {_CREDENTIALS_FIX}",
                 action.operation,
             )
         if _is_throttling_code(code):
@@ -592,9 +583,7 @@ def _per_second(value: float, quota: ServiceQuotaTypeDef) -> float:
 RefreshOutcome = Literal["updated", "permission_denied", "failed"]
 
 
-async def refresh_rules_once(
-    client: AwsClient, on_rules: Callable[[list[PullThroughRule]], None]
-) -> RefreshOutcome:
+async def refresh_rules_once(client: AwsClient, on_rules: Callable[[list[PullThroughRule]], None]) -> RefreshOutcome:
     """Read the pull-through cache rules once and pass them to ``on_rules`` on success.
 
     On failure ``on_rules`` is not called, so the caller keeps its last known rules. ``client``

@@ -169,8 +169,7 @@ _HINTS: dict[FailureClass, str] = {
         "the NAT gateway or VPC endpoints, and any proxy between the node and the registry."
     ),
     FailureClass.INVALID_NAME: (
-        "The image reference is invalid, so correct it in the entry as the kubelet message "
-        "describes."
+        "The image reference is invalid, so correct it in the entry as the kubelet message describes."
     ),
     FailureClass.OTHER: (
         "The failure matches no known class, so read the kubelet message in the pod's events "

@@ -408,7 +408,11 @@ def load(argv: Sequence[str], environ: dict[str, str] | None = None) -> Settings
                 values[option.dest] = option.parse(raw)
         except ValueError as error:
             raise ConfigError(f"invalid {source} value {raw!r}: {error}") from error
-    values.setdefault("namespace", _default_namespace(environ))
+    if "namespace" not in values:
+        try:
+            values["namespace"] = _default_namespace(environ)
+        except ValueError as error:
+            raise ConfigError(f"invalid POD_NAMESPACE value {environ.get('POD_NAMESPACE')!r}: {error}") from error
     values.setdefault("identity", environ.get("POD_NAME") or os.uname().nodename)
     values["pod_name"] = environ.get("POD_NAME")
     settings = Settings(**values)

@@ -135,9 +135,7 @@ def parse_go_duration(text: str) -> float:
     for number, unit in _DURATION_PART_RE.findall(text):
         nanoseconds += Decimal(number) * _NANOSECONDS_PER_UNIT[unit]
     if nanoseconds > _MAX_DURATION_NANOSECONDS:
-        raise ValueError(
-            f"invalid Go duration {text!r}: longer than Go's maximum of about 292 years"
-        )
+        raise ValueError(f"invalid Go duration {text!r}: longer than Go's maximum of about 292 years")
     if text.startswith("-"):
         nanoseconds = -nanoseconds
     return float(nanoseconds / _NANOSECONDS_PER_SECOND)

@@ -7,7 +7,7 @@ thousands of them.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 # Image pulls take from well under a second (a cached layer) to many minutes
 # (multi-GB images on a throttled registry); buckets are roughly doubling up to 20 min.
@@ -24,6 +24,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_* (memory, CPU, start time) and python_info, as the default registry has.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.pull_duration = Histogram(
             "imgcache_pull_duration_seconds",
             "Image pull time reported by the kubelet's Pulled event, from the runtime's start of the pull.",
@@ -74,6 +77,11 @@ class Metrics:
             "imgcache_nodes",
             "Nodes by warm-up state: warming, warm, failed (some image failed) or skipped.",
             ["state"],
+            registry=r,
+        )
+        self.oldest_warming = Gauge(
+            "imgcache_oldest_warming_node_age_seconds",
+            "Age of the oldest node that still waits for prepull images (0 if none).",
             registry=r,
         )
         self.queue_depth = Gauge(

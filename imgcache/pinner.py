@@ -64,14 +64,18 @@ def _platforms(nodes: Iterable[Node]) -> set[tuple[str, str]]:
     return {(node.os, node.arch) for node in nodes if node.os == SUPPORTED_OS}
 
 
-def _is_subset(smaller: tuple[tuple[str, str], ...], larger: tuple[tuple[str, str], ...]) -> bool:
-    return set(smaller) < set(larger)
+def _fits_platform(selector: tuple[tuple[str, str], ...], os: str, arch: str) -> bool:
+    """Return False when a selector names another OS or architecture than the platform."""
+    labels = dict(selector)
+    return labels.get("kubernetes.io/os", os) == os and labels.get("kubernetes.io/arch", arch) == arch
 
 
 def group_images(catalogue: Catalogue, nodes: Iterable[Node]) -> dict[Group, list[CatalogueImage]]:
     """Assign every pinned image to the DaemonSets whose nodes need it.
 
-    An image pinned with a broader selector on a platform is left out of narrower
+    Groups exist for every platform that has nodes, also where no node matches a selector
+    yet, so that a matching node that joins later is pinned by the DaemonSet controller at
+    once. An image pinned with a broader selector on a platform is left out of narrower
     selectors' DaemonSets on that platform, so a node does not run two pins of one image.
     """
     platforms = _platforms(nodes)
@@ -79,9 +83,11 @@ def group_images(catalogue: Catalogue, nodes: Iterable[Node]) -> dict[Group, lis
     for image in catalogue.pinned():
         scopes: list[Scope] = [s for s in image.scopes if s.pin]
         for os, arch in sorted(platforms):
-            selectors = {s.node_selector for s in scopes if s.allows_platform(os, arch)}
+            selectors = {
+                s.node_selector for s in scopes if s.allows_platform(os, arch) and _fits_platform(s.node_selector, os, arch)
+            }
             for selector in selectors:
-                if any(_is_subset(other, selector) for other in selectors):
+                if any(set(other) < set(selector) for other in selectors):
                     continue
                 groups.setdefault(Group(os, arch, selector), {})[image.hash] = image
     return {group: sorted(images.values(), key=lambda i: i.hash) for group, images in groups.items()}

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import anyio
 import structlog
 
 from imgcache.catalogue import Catalogue
-from imgcache.classify import hint
+from imgcache.classify import FailureClass, hint
+from imgcache.reference import InvalidReference, parse
 from imgcache.kube import NODES, PODS, ApiError, Kube
 from imgcache.metrics import Metrics
 from imgcache.model import (
@@ -84,6 +86,13 @@ def prepull_pod(launch: Launch, namespace: str, helper_image: str, host_network:
     }
 
 
+def _registry_of(image: str) -> str:
+    try:
+        return parse(image).registry
+    except InvalidReference:
+        return "unknown"
+
+
 class FailureLog:
     """Logs each (node, image, class) failure once and counts the repeats."""
 
@@ -103,6 +112,7 @@ class FailureLog:
             registry=failure.registry,
             pod=failure.pod,
             failure_class=failure.failure.value,
+            helper_image=failure.helper,
             permanent=failure.permanent,
             gave_up=failure.gave_up,
             message=failure.message,
@@ -156,6 +166,8 @@ class PrepullWorker:
 
     def node_upserted(self, node: Node, resource_version: str) -> None:
         self._delete_all(self.scheduler.set_node(node, resource_version))
+        for pod in self.scheduler.take_unbound(node.name):
+            self.pod_upserted(pod)
         self.wake()
 
     def node_removed(self, name: str) -> None:
@@ -171,8 +183,10 @@ class PrepullWorker:
             return
         deletes, failures, finished = self.scheduler.pod_changed(pod)
         for failure in failures:
+            if failure.helper:
+                failure = replace(failure, image=self.helper_image, registry=_registry_of(self.helper_image))
             self.metrics.pull_failures.labels(registry=failure.registry, **{"class": failure.failure.value}).inc()
-            if failure.failure.value == "throttled":
+            if failure.failure is FailureClass.THROTTLED:
                 self.metrics.registry_throttled.labels(registry=failure.registry, source="kubelet").inc()
             self.metrics.prepull_pods.labels(outcome="failed").inc()
             self.failures.report(failure)
@@ -202,6 +216,7 @@ class PrepullWorker:
                 launches, wake_in = self.scheduler.plan()
                 for launch in launches:
                     group.start_soon(self._create, launch)
+                self._delete_all(self.scheduler.orphans())
                 for delete in self.scheduler.expired_pods():
                     self.metrics.prepull_pods.labels(outcome="deadline_exceeded").inc()
                     group.start_soon(self._delete_pod, delete)
@@ -214,6 +229,7 @@ class PrepullWorker:
         while True:
             await anyio.sleep(self.progress_interval)
             self._check_taint_deadlines()
+            self._update_node_gauges()
             for state in list(self.scheduler.nodes.values()):
                 if state.dirty:
                     await self.flush(state)
@@ -227,8 +243,14 @@ class PrepullWorker:
             try:
                 await self.kube.create(PODS, body, self.namespace)
             except ApiError as error:
-                if error.already_exists:
+                if error.already_exists and not self.scheduler.is_being_deleted(launch.pod_name):
+                    # Created before a restart; the pod watch reports its state.
                     log.debug("prepull.pod_exists", pod=launch.pod_name, node=launch.node.name)
+                    return
+                if error.already_exists:
+                    # The failed attempt's pod is still being removed: try again shortly.
+                    self.scheduler.launch_failed(launch, retry_after=1.0)
+                    self.wake()
                     return
                 self._log_api_error("create", "pods", error, pod=launch.pod_name, node=launch.node.name)
                 self.scheduler.launch_failed(launch, retry_after=5.0)
@@ -363,6 +385,25 @@ class PrepullWorker:
                 )
             return
         log.warning("api.failed", verb=verb, resource=resource, status=error.status, error=error.message, **ids)
+
+    def _update_node_gauges(self) -> None:
+        counts = {"warming": 0, "warm": 0, "failed": 0, "skipped": 0}
+        oldest = 0.0
+        now = self.clock()
+        for state in self.scheduler.nodes.values():
+            progress = self.scheduler.progress(state)
+            if progress.done + progress.pending + progress.failed == 0:
+                counts["skipped"] += 1
+            elif progress.pending:
+                counts["warming"] += 1
+                oldest = max(oldest, now - state.node.created) if state.node.created else oldest
+            elif progress.failed:
+                counts["failed"] += 1
+            else:
+                counts["warm"] += 1
+        for name, value in counts.items():
+            self.metrics.nodes.labels(state=name).set(value)
+        self.metrics.oldest_warming.set(oldest)
 
     def _update_gauges(self) -> None:
         self.metrics.inflight.set(self.scheduler.inflight)

@@ -21,9 +21,7 @@ OFFICIAL_IMAGE_NAMESPACE = "library"
 # The distribution reference library rewrites this legacy host to DEFAULT_REGISTRY.
 # "registry-1.docker.io" is kept as written, as the library does.
 LEGACY_DOCKER_HUB_REGISTRY = "index.docker.io"
-DOCKER_HUB_REGISTRIES = frozenset(
-    {DEFAULT_REGISTRY, LEGACY_DOCKER_HUB_REGISTRY, "registry-1.docker.io"}
-)
+DOCKER_HUB_REGISTRIES = frozenset({DEFAULT_REGISTRY, LEGACY_DOCKER_HUB_REGISTRY, "registry-1.docker.io"})
 
 MAX_NAME_LENGTH = 255
 MAX_TAG_LENGTH = 128
@@ -78,9 +76,7 @@ _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # algorithms it registers. It accepts only lowercase hex for them.
 _KNOWN_DIGEST_HEX_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}
 
-_ECR_PRIVATE_REGISTRY_RE = re.compile(
-    r"[0-9]{12}\.dkr\.ecr(?:-fips)?\.[a-z0-9-]+\.amazonaws\.com(?:\.cn)?"
-)
+_ECR_PRIVATE_REGISTRY_RE = re.compile(r"[0-9]{12}\.dkr\.ecr(?:-fips)?\.[a-z0-9-]+\.amazonaws\.com(?:\.cn)?")
 ECR_PUBLIC_REGISTRY = "public.ecr.aws"
 
 _TAG_CHARACTERS = "letters, digits, '_', '.' and '-'"
@@ -220,9 +216,7 @@ def _check_characters(text: str) -> None:
             f"Set an image such as {_EXAMPLE_REFERENCE}",
         )
     if stripped != text and not any(char.isspace() for char in stripped):
-        raise InvalidReference(
-            text, "it has leading or trailing whitespace", f"Write {_shorten(stripped)}"
-        )
+        raise InvalidReference(text, "it has leading or trailing whitespace", f"Write {_shorten(stripped)}")
     if any(char.isspace() or not char.isprintable() or not char.isascii() for char in text):
         raise InvalidReference(
             text,
@@ -244,9 +238,7 @@ def _split_digest(text: str) -> tuple[str, str | None]:
     if not separator:
         return text, None
     if not digest:
-        raise InvalidReference(
-            text, "the digest after '@' is empty", "Remove the '@' or add 'sha256:<64 hex digits>'"
-        )
+        raise InvalidReference(text, "the digest after '@' is empty", "Remove the '@' or add 'sha256:<64 hex digits>'")
     return remainder, digest
 
 
@@ -286,14 +278,10 @@ def _check_registry(text: str, registry: str | None) -> None:
 
 def _check_path(text: str, registry: str | None, path: str, name: str) -> None:
     if not path:
-        raise InvalidReference(
-            text, "the repository path is empty", f"Add a repository, as in {_EXAMPLE_REFERENCE}"
-        )
+        raise InvalidReference(text, "the repository path is empty", f"Add a repository, as in {_EXAMPLE_REFERENCE}")
 
     if path != path.lower():
-        raise InvalidReference(
-            text, "repository names must be lowercase", _lowercase_fix(text, registry, path, name)
-        )
+        raise InvalidReference(text, "repository names must be lowercase", _lowercase_fix(text, registry, path, name))
 
     for component in path.split("/"):
         if not component:
@@ -306,8 +294,7 @@ def _check_path(text: str, registry: str | None, path: str, name: str) -> None:
             raise InvalidReference(
                 text,
                 f"the repository path component {_shorten(component)} is invalid",
-                "Use lowercase letters and digits, separated by one '.', one or two '_', or any "
-                "number of '-'",
+                "Use lowercase letters and digits, separated by one '.', one or two '_', or any number of '-'",
             )
 
 
@@ -347,18 +334,14 @@ def _check_digest(text: str, digest: str) -> None:
     if separator and expected_length is not None:
         valid = len(encoded) == expected_length and _LOWER_HEX_RE.fullmatch(encoded) is not None
     elif separator:
-        valid = bool(
-            _DIGEST_ALGORITHM_RE.fullmatch(algorithm) and _DIGEST_HEX_RE.fullmatch(encoded)
-        )
+        valid = bool(_DIGEST_ALGORITHM_RE.fullmatch(algorithm) and _DIGEST_HEX_RE.fullmatch(encoded))
 
     if valid:
         return
     if expected_length is None:
         fix = "Write the digest as 'sha256:' followed by 64 lowercase hex digits"
     else:
-        fix = (
-            f"Write the digest as '{algorithm}:' followed by {expected_length} lowercase hex digits"
-        )
+        fix = f"Write the digest as '{algorithm}:' followed by {expected_length} lowercase hex digits"
     raise InvalidReference(text, f"the digest {_shorten(digest)} is invalid", fix)
 
 

@@ -31,9 +31,7 @@ _STATIC_RULE_EXAMPLE = "docker-hub=registry-1.docker.io@123456789012/us-west-2"
 _ACCOUNT_RE = re.compile(r"[0-9]{12}")
 # Region names such as us-west-2, eu-central-1, us-gov-west-1 and cn-north-1.
 _REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}")
-_REPOSITORY_PREFIX_RE = re.compile(
-    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-)
+_REPOSITORY_PREFIX_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 
 
 @dataclass(frozen=True)
@@ -106,11 +104,7 @@ class Rewriter:
 
     def _select_rule(self, ref: ImageRef) -> PullThroughRule | None:
         repository = _upstream_repository(ref)
-        candidates = [
-            rule
-            for rule in self._rules
-            if _same_upstream(rule, ref.registry) and _covers(rule, repository)
-        ]
+        candidates = [rule for rule in self._rules if _same_upstream(rule, ref.registry) and _covers(rule, repository)]
         if not candidates:
             return None
         return max(candidates, key=lambda rule: len(_upstream_prefix(rule)))
@@ -211,9 +205,7 @@ def _apply_rule(rule: PullThroughRule, ref: ImageRef) -> ImageRef:
     if ecr_prefix not in ("", ROOT_PREFIX):
         repository = f"{ecr_prefix}/{repository}"
 
-    candidate = ImageRef(
-        registry=cache_registry(rule), repository=repository, tag=ref.tag, digest=ref.digest
-    )
+    candidate = ImageRef(registry=cache_registry(rule), repository=repository, tag=ref.tag, digest=ref.digest)
     try:
         return parse(str(candidate))
     except InvalidReference as error:

@@ -83,6 +83,7 @@ class Failure:
     message: str
     permanent: bool
     gave_up: bool
+    helper: bool = False
 
 
 @dataclass
@@ -142,6 +143,10 @@ class Scheduler:
         self.quota_caps: dict[str, float] = {}
         # Pods this scheduler asked to delete; their later events are ignored.
         self.deleting: set[str] = set()
+        # Names of pods being deleted, so a create that meets one of them is retried.
+        self.deleting_names: dict[str, str] = {}
+        # Pods whose node is unknown or a different incarnation; see orphans().
+        self.unbound: dict[str, Pod] = {}
 
     # -- nodes -------------------------------------------------------------
 
@@ -155,7 +160,8 @@ class Scheduler:
         if state is None:
             state = NodeState(node=node, key=node_key(node), done=set(node.done), failed=dict(node.failed))
             self.nodes[node.name] = state
-            self.rotation.append(node.name)
+            # A new node goes to the front: it has had no share of the slots yet.
+            self.rotation.appendleft(node.name)
         else:
             state.node = node
             # Annotations written by an earlier leader are merged, never dropped.
@@ -241,10 +247,12 @@ class Scheduler:
         while progressed and self.inflight < self.limits.max_inflight:
             progressed = False
             for _ in range(len(self.rotation)):
-                name = self.rotation[0]
-                self.rotation.rotate(-1)
+                # Check the cap before the node takes its turn, so a node reached while
+                # every slot is taken keeps its place at the front for the next free slot.
                 if self.inflight >= self.limits.max_inflight:
                     break
+                name = self.rotation[0]
+                self.rotation.rotate(-1)
                 state = self.nodes[name]
                 if len(state.inflight) >= self.limits.max_inflight_per_node:
                     continue
@@ -294,13 +302,24 @@ class Scheduler:
             return [], [], []
         state = self._state_for(pod)
         if state is None:
-            self.pods.pop(pod.name, None)
+            # The pod's node may simply not be listed yet; orphans() decides once the
+            # node watch is synced and the worker runs.
+            if not pod.deleting:
+                self.unbound[pod.name] = pod
+            return [], [], []
+        self.unbound.pop(pod.name, None)
+        self.pods[pod.name] = pod
+        if pod.image_hash not in state.inflight and (pod.image_hash in state.done or pod.image_hash in state.failed):
+            # Finished before a restart and already recorded on the node: only remove it.
             if pod.deleting:
                 return [], [], []
-            self.deleting.add(pod.uid)
-            return [DeletePod(pod.name, "orphaned")], [], []
-        self.pods[pod.name] = pod
-        if pod.image_hash not in state.inflight and pod.image_hash not in state.done | state.succeeded:
+            if pod.image_hash in state.done:
+                if pod.image_hash not in state.succeeded:
+                    state.succeeded.add(pod.image_hash)
+                    state.dirty = True
+                return [], [], []
+            return [self._delete(pod, "already_failed")], [], []
+        if pod.image_hash not in state.inflight and not pod.deleting:
             # A pod created before a restart: adopt it instead of starting another.
             state.inflight[pod.image_hash] = pod.name
             state.first_try.setdefault(pod.image_hash, pod.created or self.clock())
@@ -313,8 +332,9 @@ class Scheduler:
             return [], [], self._succeeded(state, pod, registry)
         failure = _pull_failure(pod)
         if failure is not None:
-            reason, message = failure
-            return self._failed(state, pod, registry, classify(message, reason), message)
+            reason, message, container = failure
+            helper = container != PREPULL_CONTAINER
+            return self._failed(state, pod, registry, classify(message, reason), message, helper=helper)
         if pod.phase == "Failed":
             message = f"pod failed with reason {pod.reason or 'unknown'} before the image was pulled"
             return self._failed(state, pod, registry, FailureClass.OTHER, message)
@@ -323,6 +343,9 @@ class Scheduler:
     def pod_deleted(self, pod: Pod) -> None:
         was_ours = pod.uid in self.deleting
         self.deleting.discard(pod.uid)
+        if self.deleting_names.get(pod.name) == pod.uid:
+            del self.deleting_names[pod.name]
+        self.unbound.pop(pod.name, None)
         current = self.pods.get(pod.name)
         if current is not None and current.uid != pod.uid:
             return  # A late event of an older pod with the same name.
@@ -347,9 +370,34 @@ class Scheduler:
                 del state.inflight[pod.image_hash]
                 self.inflight -= 1
                 self._schedule_retry(state, pod.image_hash, now)
-                self.deleting.add(pod.uid)
-                expired.append(DeletePod(pod.name, "deadline_exceeded"))
+                expired.append(self._delete(pod, "deadline_exceeded"))
         return expired
+
+    def orphans(self) -> list[DeletePod]:
+        """Return pods whose node is gone or was re-created; call only with synced watches."""
+        deletes = []
+        for pod in list(self.unbound.values()):
+            state = self.nodes.get(pod.node_name)
+            if state is None or state.key != pod.node_key:
+                del self.unbound[pod.name]
+                deletes.append(self._delete(pod, "orphaned"))
+        return deletes
+
+    def take_unbound(self, node_name: str) -> list[Pod]:
+        """Remove and return the pods that waited for ``node_name`` to be known."""
+        pods = [pod for pod in self.unbound.values() if pod.node_name == node_name]
+        for pod in pods:
+            del self.unbound[pod.name]
+        return pods
+
+    def is_being_deleted(self, name: str) -> bool:
+        return name in self.deleting_names
+
+    def _delete(self, pod: Pod, reason: str) -> DeletePod:
+        self.deleting.add(pod.uid)
+        self.deleting_names[pod.name] = pod.uid
+        self.pods.pop(pod.name, None)
+        return DeletePod(pod.name, reason)
 
     def _state_for(self, pod: Pod) -> NodeState | None:
         state = self.nodes.get(pod.node_name)
@@ -372,13 +420,21 @@ class Scheduler:
         return []
 
     def _failed(
-        self, state: NodeState, pod: Pod, registry: str, failure: FailureClass, message: str
+        self,
+        state: NodeState,
+        pod: Pod,
+        registry: str,
+        failure: FailureClass,
+        message: str,
+        helper: bool = False,
     ) -> tuple[list[DeletePod], list[Failure], list[NodeState]]:
         now = self.clock()
         del state.inflight[pod.image_hash]
         self.inflight -= 1
-        permanent = failure in PERMANENT
-        if failure is FailureClass.THROTTLED:
+        # A failure of the helper image says nothing about the cached image, so it is
+        # never recorded against that image and is always retried.
+        permanent = failure in PERMANENT and not helper
+        if failure is FailureClass.THROTTLED and not helper:
             self.bucket(registry).on_throttled(now)
         gave_up = not permanent and now - state.first_try.get(pod.image_hash, now) > self.limits.prepull_deadline
         if permanent or gave_up:
@@ -395,13 +451,13 @@ class Scheduler:
             message=message,
             permanent=permanent,
             gave_up=gave_up,
+            helper=helper,
         )
-        self.deleting.add(pod.uid)
         finished = []
         if (permanent or gave_up) and self.is_complete(state) and not state.inflight:
             state.complete = True
             finished.append(state)
-        return [DeletePod(pod.name, f"failed_{failure.value}")], [report], finished
+        return [self._delete(pod, f"failed_{failure.value}")], [report], finished
 
     def _schedule_retry(self, state: NodeState, image_hash: str, now: float, throttled: bool = False) -> None:
         attempts = state.attempts.get(image_hash, 0) + 1
@@ -425,10 +481,11 @@ def _pulled(pod: Pod) -> bool:
     return False
 
 
-def _pull_failure(pod: Pod) -> tuple[str, str] | None:
+def _pull_failure(pod: Pod) -> tuple[str, str, str] | None:
+    """Return (reason, message, container name) of the first container failing to pull."""
     for container in pod.init_containers + pod.containers:
         if container.waiting_reason in PULL_ERROR_REASONS:
-            return container.waiting_reason, container.waiting_message
+            return container.waiting_reason, container.waiting_message, container.name
     return None
 
 

@@ -72,6 +72,7 @@ def build_status(report: SourceReport, counts: dict[str, ImageCounts], previous:
     images = []
     invalid = 0
     pending = failed = 0
+    counted: set[str] = set()
     for entry in report.entries:
         item: JSON = {"image": entry.image}
         if entry.error:
@@ -82,10 +83,13 @@ def build_status(report: SourceReport, counts: dict[str, ImageCounts], previous:
         if entry.hash:
             c = counts.get(entry.hash, ImageCounts())
             item.update(cached=c.cached, pending=c.pending, failed=c.failed)
-            pending += c.pending
-            failed += c.failed
+            if entry.hash not in counted:
+                # The same image listed twice counts once in the totals.
+                counted.add(entry.hash)
+                pending += c.pending
+                failed += c.failed
         images.append(item)
-    valid = len(report.entries) - invalid
+    valid = len({entry.hash for entry in report.entries if entry.hash and not entry.error})
     if pending:
         ready = (False, "Pulling", f"{pending} image pulls pending across nodes")
     elif valid == 0:

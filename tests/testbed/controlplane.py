@@ -131,13 +131,9 @@ def _kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> str:
         {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [
-                {"name": "imgcache-testbed", "cluster": {"server": server, "certificate-authority": str(ca)}}
-            ],
+            "clusters": [{"name": "imgcache-testbed", "cluster": {"server": server, "certificate-authority": str(ca)}}],
             "users": [{"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}],
-            "contexts": [
-                {"name": "imgcache-testbed", "context": {"cluster": "imgcache-testbed", "user": user}}
-            ],
+            "contexts": [{"name": "imgcache-testbed", "context": {"cluster": "imgcache-testbed", "user": user}}],
             "current-context": "imgcache-testbed",
         },
         indent=2,
@@ -153,6 +149,9 @@ class ControlPlane:
         self.pki = self.directory / "pki"
         self.logs = self.directory / "logs"
         self.run_dir = self.directory / "run"
+        # Popen objects of the components this process started, kept so that Python does
+        # not warn about a running child when the object is freed.
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- state -------------------------------------------------------------
 
@@ -171,8 +170,7 @@ class ControlPlane:
         path = self.bin_dir / name
         if not path.exists():
             raise FileNotFoundError(
-                f"control-plane binary {path} is missing: run `make binaries` "
-                "(tests/controlplane/build.sh) first"
+                f"control-plane binary {path} is missing: run `make binaries` (tests/controlplane/build.sh) first"
             )
         return path
 
@@ -313,6 +311,7 @@ class ControlPlane:
             cwd=self.directory,
         )
         log.close()
+        self._processes[name] = process
         (self.run_dir / f"{name}.pid").write_text(str(process.pid))
         return process.pid
 
@@ -333,6 +332,10 @@ class ControlPlane:
             while self._alive(pid):
                 time.sleep(0.05)
         (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
+        process = self._processes.pop(name, None)
+        if process is not None:
+            # The child is already reaped above; poll() records that on the Popen object.
+            process.poll()
 
     def pid(self, name: str) -> int | None:
         """Return the pid of a running component, or None."""

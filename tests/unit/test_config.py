@@ -421,11 +421,6 @@ def test_load_namespace_flag_beats_pod_env() -> None:
     assert load(["--namespace=explicit"], {"POD_NAMESPACE": "platform"}).namespace == "explicit"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_default_namespace validates POD_NAMESPACE with _namespace, whose ValueError escapes load "
-    "instead of a ConfigError naming POD_NAMESPACE",
-)
 def test_load_invalid_pod_namespace() -> None:
     with pytest.raises(ConfigError) as caught:
         load([], {"POD_NAMESPACE": "Bad_Namespace"})

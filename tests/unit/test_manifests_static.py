@@ -687,9 +687,9 @@ def test_aws_overlay(variants: dict[str, list[Object]]) -> None:
 
 
 def test_monitoring_overlay(variants: dict[str, list[Object]], base: list[Object]) -> None:
-    (monitor,) = variants["monitoring"]
+    monitor = find(variants["monitoring"], "ServiceMonitor", "imgcache")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert monitor["kind"] == "ServiceMonitor"
+    assert {o["kind"] for o in variants["monitoring"]} == {"ServiceMonitor", "PrometheusRule"}
     service = find(base, "Service", "imgcache-metrics")
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert service["metadata"]["labels"].items() >= selector.items()
@@ -701,4 +701,4 @@ def test_monitoring_overlay(variants: dict[str, list[Object]], base: list[Object
 
 def test_monitoring_kustomization_lists_servicemonitor() -> None:
     kustomization = yaml.safe_load((MANIFESTS / "overlays" / "monitoring" / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == ["servicemonitor.yaml"]
+    assert kustomization["resources"] == ["servicemonitor.yaml", "prometheusrule.yaml"]

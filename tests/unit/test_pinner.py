@@ -180,11 +180,6 @@ def test_group_broader_selector_other_platform() -> None:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="group_images ignores that a nodeSelector on kubernetes.io/arch contradicts a group's platform, so "
-    "the arm64 group gets a DaemonSet whose nodeSelector says amd64, a second pin on every amd64 node",
-)
 def test_group_arch_selector_one_platform() -> None:
     catalogue = catalogue_of(imagecache_json("x86", ["nginx"], node_selector={"kubernetes.io/arch": "amd64"}))
 

@@ -188,11 +188,6 @@ def test_status_transition_time_first_write() -> None:
         assert _STAMP.fullmatch(item["lastTransitionTime"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_status sums counts per entry, so an image listed twice in one object (for example once "
-    "pin-only and once prepull-only) has its pending pulls counted twice",
-)
 def test_status_duplicate_entry_counted_once() -> None:
     catalogue = catalogue_of(
         imagecache_json("web", [{"image": "nginx", "prepull": False}, {"image": "docker.io/library/nginx"}])
