@@ -33,7 +33,8 @@ def cleanup_imgcache(plane: ControlPlane) -> None:
     kubectl(plane, "-n", NAMESPACE, "delete", "daemonsets,pods", "-l", "app.kubernetes.io/managed-by=imgcache",
             "--grace-period=0", "--force", "--wait=true", "--timeout=60s", check=False)
     kubectl(plane, "-n", NAMESPACE, "delete", "lease", "imgcache-leader", "--ignore-not-found", check=False)
-    kubectl(plane, "-n", NAMESPACE, "delete", "events", "--all", check=False)
+    # One deletecollection request; `kubectl delete events --all` deletes them one by one.
+    kubectl(plane, "delete", "--raw", f"/api/v1/namespaces/{NAMESPACE}/events", check=False)
 
 
 @pytest.fixture

@@ -320,6 +320,7 @@ class ControlPlane:
         pid = self.pid(name)
         if pid is None:
             (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
+            self._forget(name)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)
@@ -332,9 +333,12 @@ class ControlPlane:
             while self._alive(pid):
                 time.sleep(0.05)
         (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
         process = self._processes.pop(name, None)
         if process is not None:
-            # The child is already reaped above; poll() records that on the Popen object.
+            # The child is already reaped by _alive; poll() records that on the Popen object.
             process.poll()
 
     def pid(self, name: str) -> int | None:
