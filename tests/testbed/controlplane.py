@@ -338,8 +338,10 @@ class ControlPlane:
     def _forget(self, name: str) -> None:
         process = self._processes.pop(name, None)
         if process is not None:
-            # The child is already reaped by _alive; poll() records that on the Popen object.
-            process.poll()
+            # _alive may have reaped the child already, or seen it as a zombie just before
+            # it became waitable; wait() covers both and records the exit on the object.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
 
     def pid(self, name: str) -> int | None:
         """Return the pid of a running component, or None."""
