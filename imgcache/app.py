@@ -169,7 +169,8 @@ class Controller:
         self.kube = kube
         self.metrics = metrics
         self.started = time.time()
-        self.catalogue = Catalogue(Rewriter(settings.pull_through_rules))
+        rules = settings.pull_through_rules if settings.pull_through_cache else ()
+        self.catalogue = Catalogue(Rewriter(rules))
         limits = Limits(
             max_inflight=settings.max_inflight,
             max_inflight_per_node=settings.max_inflight_per_node,

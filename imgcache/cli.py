@@ -77,13 +77,13 @@ def _rewrite(argv: list[str]) -> int:
         print(f"imgcache: error: {error}", file=sys.stderr)
         return 2
     result = Rewriter(rules).rewrite(ref)
-    print(f"image:    {ref}")
+    print(f"image:     {ref}")
     print(f"rewritten: {result.result}")
     if result.rule is None:
-        print("rule:     none (no rule covers registry " + ref.registry + ")")
+        print(f"rule:      none (no rule covers registry {ref.registry})")
     else:
         rule = result.rule
-        print(f"rule:     {rule.prefix} -> {rule.upstream_registry} ({rule.account}/{rule.region})")
+        print(f"rule:      {rule.prefix} -> {rule.upstream_registry} ({rule.account}/{rule.region})")
     return 0
 
 

@@ -241,3 +241,28 @@ async def test_existing_nodes_completed_not_redone(api_client, custom, namespace
     await eventually(lambda: warm(api_client, late, 4))
     await anyio.sleep(2)
     assert sum(kubelet.node_pulls[n].attempts for n in names) == attempts
+
+
+async def _run_throttled(api, custom, namespace, nodes, kubelet, start_controller, registry: str, *args: str) -> int:
+    kubelet.set_registry(registry, RegistryProfile(qps=2.0, burst=2, images=ImageProfile(pull_seconds=0.2)))
+    controller = await start_controller(*FAST, "--registry-qps=10", "--registry-burst=10", *args)
+    images = images_of(registry, 12)
+    await create_cache(custom, namespace, registry.split(".")[0], [{"image": i} for i in images])
+    names = await nodes.create(2, arch="amd64", prefix=f"{registry.split('.')[0]}-{namespace[-4:]}")
+    for name in names:
+        await eventually(lambda name=name: warm(api, name, len(images)), timeout=180)
+    await anyio.to_thread.run_sync(controller.stop)
+    await custom.delete_namespaced_custom_object("imgcache.io", "v1alpha1", namespace, "imagecaches",
+                                                 registry.split(".")[0])
+    return kubelet.registry_requests[registry].throttled
+
+
+async def test_throttling_adapts_rate(api_client, custom, namespace, nodes, kubelet, start_controller):
+    # The same demand against the same quota, once with the adaptive rate and once with
+    # the rate pinned at its maximum (minimum equal to maximum).
+    kubelet.config.backoff_initial = 30.0
+    adaptive = await _run_throttled(api_client, custom, namespace, nodes, kubelet, start_controller, "quay.io")
+    fixed = await _run_throttled(api_client, custom, namespace, nodes, kubelet, start_controller, "ghcr.io",
+                                 "--registry-min-qps=10")
+    assert fixed > 0
+    assert adaptive < fixed
