@@ -208,8 +208,10 @@ class Controller:
         ns = settings.namespace
         managed = f"{MANAGED_BY}={MANAGER}"
 
-        def reflector(**kwargs: object) -> Reflector:
-            return Reflector(kube, settings=watch, on_restart=metrics.count_watch_restart, **kwargs)  # type: ignore[arg-type]
+        def reflector(**kwargs: Any) -> Reflector:
+            return Reflector(
+                kube, settings=watch, on_restart=metrics.count_watch_restart, on_synced=self._reflector_synced, **kwargs
+            )
 
         self.reflectors: dict[str, Reflector] = {
             "watch.imagecaches": reflector(resource=IMAGECACHES, handler=CatalogueHandler(self.catalogue, self.status)),
@@ -250,6 +252,10 @@ class Controller:
     def _lease_annotations(self) -> dict[str, str]:
         return {REGISTRIES_ANNOTATION: json.dumps(self.scheduler.registry_summary(), sort_keys=True)}
 
+    def _reflector_synced(self) -> None:
+        if self.ready():
+            self.synced.set()
+
     def ready(self) -> bool:
         return all(r.synced for r in self.reflectors.values())
 
@@ -270,8 +276,7 @@ class Controller:
 
     async def lead(self) -> None:
         """Write to the cluster: runs only on the leader, after every cache is synced."""
-        while not self.ready():
-            await anyio.sleep(0.1)
+        await self.synced.wait()
         log.info("controller.leading", nodes=len(self.nodes.nodes), images=len(self.catalogue.images))
         async with anyio.create_task_group() as group:
             if self.settings.prepull:
@@ -354,7 +359,7 @@ def _exit_code(group: BaseExceptionGroup) -> int:
     if rest is None and shutdown is not None:
         log.info("controller.stopped")
         return 0
-    exited, other = group.split(TaskExited)
+    exited, _ = group.split(TaskExited)
     if exited is not None:
         log.error("controller.exiting", reason=str(exited.exceptions[0]))
         return 1

@@ -172,7 +172,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "--namespace",
         "namespace",
         _namespace,
-        "namespace for the pinner DaemonSets, prepull pods and the leader Lease (default: the pod's namespace, else imgcache-system)",
+        "namespace for the pinner DaemonSets, prepull pods and the leader Lease (default: the pod's namespace, else "
+        "imgcache-system)",
     ),
     _Option("--identity", "identity", _text, "leader-election identity (default: $POD_NAME, else the host name)"),
     _Option("--http-port", "http_port", _port, "port of the /metrics, /healthz and /readyz endpoint (default 8080)"),
@@ -204,7 +205,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "--helper-image",
         "helper_image",
         _text,
-        "image with the static helper that pinner and prepull pods copy in (default: the controller's own image, read from its pod; required outside the cluster)",
+        "image with the static helper that pinner and prepull pods copy in (default: the controller's own image, "
+        "read from its pod; required outside the cluster)",
     ),
     _Option("--pinner", "pinner", _boolean, "keep pinned images on every node with DaemonSets (default true)"),
     _Option(
@@ -312,13 +314,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "--watch-cluster-events",
         "watch_cluster_events",
         _boolean,
-        "also read image-pull Events of every pod in the cluster for the metrics (default false; needs the cluster-events RBAC overlay)",
+        "also read image-pull Events of every pod in the cluster for the metrics (default false; needs the "
+        "cluster-events RBAC overlay)",
     ),
     _Option(
         "--pull-through-cache",
         "pull_through_cache",
         _boolean,
-        "rewrite images to the account's ECR pull-through cache where a rule exists (default true; no-op without rules)",
+        "rewrite images to the account's ECR pull-through cache where a rule exists (default true; no-op without "
+        "rules)",
     ),
     _Option(
         "--pull-through-rule",
@@ -437,15 +441,18 @@ def _check_relations(settings: Settings) -> None:
         )
     if settings.retry_period >= settings.renew_deadline:
         raise ConfigError(
-            f"--retry-period ({settings.retry_period:g} s) must be shorter than --renew-deadline ({settings.renew_deadline:g} s)"
+            f"--retry-period ({settings.retry_period:g} s) must be shorter than --renew-deadline "
+            f"({settings.renew_deadline:g} s)"
         )
     if settings.max_inflight_per_node > settings.max_inflight:
         raise ConfigError(
-            f"--max-inflight-per-node ({settings.max_inflight_per_node}) cannot exceed --max-inflight ({settings.max_inflight})"
+            f"--max-inflight-per-node ({settings.max_inflight_per_node}) cannot exceed --max-inflight "
+            f"({settings.max_inflight})"
         )
     if settings.registry_min_qps > settings.registry_qps:
         raise ConfigError(
-            f"--registry-min-qps ({settings.registry_min_qps:g}) cannot exceed --registry-qps ({settings.registry_qps:g})"
+            f"--registry-min-qps ({settings.registry_min_qps:g}) cannot exceed --registry-qps "
+            f"({settings.registry_qps:g})"
         )
     if settings.retry_initial > settings.retry_max:
         raise ConfigError(

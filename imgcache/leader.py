@@ -11,8 +11,8 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import structlog
@@ -103,11 +103,10 @@ class LeaderElector:
                 )
 
     async def _try_acquire_or_renew(self) -> bool:
-        if self.leading and self._lease is not None:
-            # A renewal writes the Lease read last time; a conflict means another writer
-            # changed it, and the full read-check-write below decides again.
-            if await self._write(self._lease, renew=True):
-                return True
+        # A renewal writes the Lease read last time. A conflict means another writer
+        # changed it, and the full read-check-write below decides again.
+        if self.leading and self._lease is not None and await self._write(self._lease, renew=True):
+            return True
         s = self.settings
         try:
             lease = await self.kube.get(LEASES, s.name, s.namespace)

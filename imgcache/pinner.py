@@ -84,7 +84,9 @@ def group_images(catalogue: Catalogue, nodes: Iterable[Node]) -> dict[Group, lis
         scopes: list[Scope] = [s for s in image.scopes if s.pin]
         for os, arch in sorted(platforms):
             selectors = {
-                s.node_selector for s in scopes if s.allows_platform(os, arch) and _fits_platform(s.node_selector, os, arch)
+                s.node_selector
+                for s in scopes
+                if s.allows_platform(os, arch) and _fits_platform(s.node_selector, os, arch)
             }
             for selector in selectors:
                 if any(set(other) < set(selector) for other in selectors):

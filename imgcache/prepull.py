@@ -16,7 +16,6 @@ import structlog
 
 from imgcache.catalogue import Catalogue
 from imgcache.classify import FailureClass, hint
-from imgcache.reference import InvalidReference, parse
 from imgcache.kube import NODES, PODS, ApiError, Kube
 from imgcache.metrics import Metrics
 from imgcache.model import (
@@ -40,6 +39,7 @@ from imgcache.podspec import (
     pod_security,
     tolerate_everything,
 )
+from imgcache.reference import InvalidReference, parse
 from imgcache.scheduler import (
     PREPULL_COMPONENT,
     PREPULL_CONTAINER,

@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 from kubernetes_asyncio import client as k8s_client
+
 from testbed.controller import NAMESPACE, ControllerProcess, install_manifests, kubectl, service_account_kubeconfig
 from testbed.controlplane import ControlPlane
 
@@ -30,17 +31,27 @@ def installed(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -
 
 def cleanup_imgcache(plane: ControlPlane) -> None:
     kubectl(plane, "delete", "imagecaches", "--all", "--all-namespaces", "--wait=true", "--timeout=60s", check=False)
-    kubectl(plane, "-n", NAMESPACE, "delete", "daemonsets,pods", "-l", "app.kubernetes.io/managed-by=imgcache",
-            "--grace-period=0", "--force", "--wait=true", "--timeout=60s", check=False)
+    kubectl(
+        plane,
+        "-n",
+        NAMESPACE,
+        "delete",
+        "daemonsets,pods",
+        "-l",
+        "app.kubernetes.io/managed-by=imgcache",
+        "--grace-period=0",
+        "--force",
+        "--wait=true",
+        "--timeout=60s",
+        check=False,
+    )
     kubectl(plane, "-n", NAMESPACE, "delete", "lease", "imgcache-leader", "--ignore-not-found", check=False)
     # One deletecollection request; `kubectl delete events --all` deletes them one by one.
     kubectl(plane, "delete", "--raw", f"/api/v1/namespaces/{NAMESPACE}/events", check=False)
 
 
 @pytest.fixture
-async def start_controller(
-    cluster: ControlPlane, installed: Path, tmp_path: Path
-) -> AsyncIterator[StartController]:
+async def start_controller(cluster: ControlPlane, installed: Path, tmp_path: Path) -> AsyncIterator[StartController]:
     """Return ``await start(*args, identity=...)``, which starts imgcache and waits until ready."""
     processes: list[ControllerProcess] = []
 

@@ -8,10 +8,11 @@ import sys
 
 import anyio
 import pytest
-from cluster.helpers import eventually, image_cache
 from kubernetes_asyncio import client as k8s_client
 from prometheus_client.parser import text_string_to_metric_families
-from testbed.controller import NAMESPACE, kubectl
+
+from cluster.helpers import eventually, image_cache
+from testbed.controller import kubectl
 from testbed.controlplane import REPO
 from testbed.kubelet import FailureKind, FailureRule, ImageProfile, RegistryProfile
 
@@ -83,8 +84,9 @@ async def test_pull_histograms_match_simulator(api_client, custom, namespace, no
     assert await eventually(gauges_show_warm, timeout=10)
 
 
-async def test_throttle_counter_matches_simulator(api_client, custom, namespace, nodes, kubelet_config, kubelet,
-                                                  start_controller):
+async def test_throttle_counter_matches_simulator(
+    api_client, custom, namespace, nodes, kubelet_config, kubelet, start_controller
+):
     # A long kubelet back-off keeps the kubelet from retrying inside a pod before imgcache
     # deletes it, so each throttled response is one failed prepull attempt.
     kubelet.config.backoff_initial = 60.0
@@ -165,10 +167,15 @@ async def test_status_command_reads_cluster(api_client, cluster, custom, namespa
     await create_cache(custom, namespace, "statuscmd", ["quay.io/team/a:v1", "quay.io/team/b:v1"])
     await eventually(lambda: settled(api_client, node, 2), timeout=60)
     await anyio.sleep(2.5)
-    result = await anyio.to_thread.run_sync(lambda: subprocess.run(
-        [sys.executable, "-m", "imgcache", "status", f"--kubeconfig={cluster.kubeconfig}", "--json"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
-    ))
+    result = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "imgcache", "status", f"--kubeconfig={cluster.kubeconfig}", "--json"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     row = next(r for r in report["nodes"] if r["node"] == node)
@@ -188,9 +195,14 @@ async def test_cluster_wide_events_view(api_client, cluster, custom, namespace, 
         (node,) = await nodes.create(1, arch="amd64")
         core = k8s_client.CoreV1Api(api_client)
         pod = {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "workload"},
-            "spec": {"nodeName": node, "restartPolicy": "Never",
-                     "containers": [{"name": "app", "image": "registry.example.test/shop/web:1.0"}]},
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "workload"},
+            "spec": {
+                "nodeName": node,
+                "restartPolicy": "Never",
+                "containers": [{"name": "app", "image": "registry.example.test/shop/web:1.0"}],
+            },
         }
         await core.create_namespaced_pod(namespace, pod)
 

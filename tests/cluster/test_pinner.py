@@ -6,9 +6,10 @@ import signal
 
 import anyio
 import pytest
+from kubernetes_asyncio import client as k8s_client
+
 from cluster.helpers import addon_images, eventually, image_cache
 from imgcache.reference import parse
-from kubernetes_asyncio import client as k8s_client
 from testbed.controller import NAMESPACE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
@@ -30,9 +31,16 @@ async def create_cache(custom: k8s_client.CustomObjectsApi, namespace: str, body
     await custom.create_namespaced_custom_object("imgcache.io", "v1alpha1", namespace, "imagecaches", body)
 
 
-async def patch_images(custom: k8s_client.CustomObjectsApi, namespace: str, name: str, images: list[dict[str, object]]) -> None:
+async def patch_images(
+    custom: k8s_client.CustomObjectsApi, namespace: str, name: str, images: list[dict[str, object]]
+) -> None:
     await custom.patch_namespaced_custom_object(
-        "imgcache.io", "v1alpha1", namespace, "imagecaches", name, {"spec": {"images": images}},
+        "imgcache.io",
+        "v1alpha1",
+        namespace,
+        "imagecaches",
+        name,
+        {"spec": {"images": images}},
         _content_type="application/merge-patch+json",
     )
 
@@ -86,8 +94,10 @@ async def test_added_image_rolls_out_once_with_surge(api_client, custom, namespa
             pods = await core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/component=pinner")
             for node in names:
                 holders = [
-                    p for p in pods.items
-                    if p.spec.node_name == node and p.status.phase == "Running"
+                    p
+                    for p in pods.items
+                    if p.spec.node_name == node
+                    and p.status.phase == "Running"
                     and old_images <= {c.image for c in p.spec.containers}
                 ]
                 if not holders:
@@ -155,12 +165,22 @@ async def test_platform_and_selector_filtering(api_client, custom, namespace, no
     await nodes.create(1, arch="arm64")
     windows = await nodes.create(1, arch="amd64", os="windows")
     await start_controller(*FAST, "--prepull=false")
-    await create_cache(custom, namespace, image_cache("everywhere", [
-        {"image": "registry.k8s.io/pause:3.10"},
-        {"image": "quay.io/cilium/cilium:v1.16.4", "platforms": ["linux/arm64"]},
-    ]))
-    await create_cache(custom, namespace, image_cache("team-a", [{"image": "ghcr.io/kyverno/kyverno:v1.13.2"}],
-                                                     nodeSelector={"team": "a"}))
+    await create_cache(
+        custom,
+        namespace,
+        image_cache(
+            "everywhere",
+            [
+                {"image": "registry.k8s.io/pause:3.10"},
+                {"image": "quay.io/cilium/cilium:v1.16.4", "platforms": ["linux/arm64"]},
+            ],
+        ),
+    )
+    await create_cache(
+        custom,
+        namespace,
+        image_cache("team-a", [{"image": "ghcr.io/kyverno/kyverno:v1.13.2"}], nodeSelector={"team": "a"}),
+    )
 
     async def four() -> dict[str, k8s_client.V1DaemonSet] | None:
         # One per platform, plus one per platform for the team-a selector.
@@ -170,7 +190,9 @@ async def test_platform_and_selector_filtering(api_client, custom, namespace, no
     found = await eventually(four)
     amd = found["imgcache-pinner-linux-amd64"]
     arm = found["imgcache-pinner-linux-arm64"]
-    team = [ds for name, ds in found.items() if name not in ("imgcache-pinner-linux-amd64", "imgcache-pinner-linux-arm64")]
+    team = [
+        ds for name, ds in found.items() if name not in ("imgcache-pinner-linux-amd64", "imgcache-pinner-linux-arm64")
+    ]
     assert container_images(amd) == {"registry.k8s.io/pause:3.10"}
     assert container_images(arm) == {"registry.k8s.io/pause:3.10", "quay.io/cilium/cilium:v1.16.4"}
     assert [container_images(ds) for ds in team] == [{"ghcr.io/kyverno/kyverno:v1.13.2"}] * 2
@@ -185,10 +207,17 @@ async def test_invalid_entry_reported_in_status(api_client, custom, namespace, n
     await nodes.create(1, arch="amd64")
     await start_controller(*FAST, "--prepull=false")
     too_long = "registry.example.com/" + "a" * 250 + ":v1"
-    await create_cache(custom, namespace, image_cache("mixed", [
-        {"image": too_long},
-        {"image": "registry.k8s.io/pause:3.10"},
-    ]))
+    await create_cache(
+        custom,
+        namespace,
+        image_cache(
+            "mixed",
+            [
+                {"image": too_long},
+                {"image": "registry.k8s.io/pause:3.10"},
+            ],
+        ),
+    )
 
     async def status() -> dict | None:
         obj = await custom.get_namespaced_custom_object("imgcache.io", "v1alpha1", namespace, "imagecaches", "mixed")

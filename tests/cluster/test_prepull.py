@@ -6,16 +6,23 @@ import json
 
 import anyio
 import pytest
+from kubernetes_asyncio import client as k8s_client
+
 from cluster.helpers import PrepullObserver, eventually, image_cache
 from imgcache.reference import parse
-from kubernetes_asyncio import client as k8s_client
 from testbed.controller import HELPER_IMAGE, NAMESPACE
 from testbed.kubelet import FailureKind, FailureRule, ImageProfile, RegistryProfile
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
-FAST = ("--pinner=false", "--pin-debounce=0.5", "--status-interval=1", "--progress-interval=0.5",
-        "--retry-initial=0.5", "--retry-max=2")
+FAST = (
+    "--pinner=false",
+    "--pin-debounce=0.5",
+    "--status-interval=1",
+    "--progress-interval=0.5",
+    "--retry-initial=0.5",
+    "--retry-max=2",
+)
 
 
 def images_of(registry: str, count: int) -> list[str]:
@@ -55,8 +62,9 @@ async def test_new_node_gets_all_images_within_caps(api_client, custom, namespac
     observer = PrepullObserver(api_client, NAMESPACE)
     async with anyio.create_task_group() as group:
         group.start_soon(observer.run)
-        await start_controller(*FAST, "--max-inflight=6", "--max-inflight-per-node=4", "--registry-qps=3",
-                               "--registry-burst=3")
+        await start_controller(
+            *FAST, "--max-inflight=6", "--max-inflight-per-node=4", "--registry-qps=3", "--registry-burst=3"
+        )
         await create_cache(custom, namespace, "caps", [{"image": i} for i in images])
         names = await nodes.create(2, arch="amd64")
         for name in names:
@@ -101,11 +109,16 @@ async def _started_on(observer: PrepullObserver, node: str, count: int) -> bool:
 
 async def test_prepull_false_and_filters(api_client, custom, namespace, nodes, kubelet, start_controller):
     await start_controller(*FAST)
-    await create_cache(custom, namespace, "filters", [
-        {"image": "quay.io/team/everywhere:v1"},
-        {"image": "quay.io/team/pin-only:v1", "prepull": False},
-        {"image": "quay.io/team/arm-only:v1", "platforms": ["linux/arm64"]},
-    ])
+    await create_cache(
+        custom,
+        namespace,
+        "filters",
+        [
+            {"image": "quay.io/team/everywhere:v1"},
+            {"image": "quay.io/team/pin-only:v1", "prepull": False},
+            {"image": "quay.io/team/arm-only:v1", "platforms": ["linux/arm64"]},
+        ],
+    )
     await create_cache(custom, namespace, "gpu", [{"image": "quay.io/team/cuda:v1"}], nodeSelector={"pool": "gpu"})
     (amd,) = await nodes.create(1, arch="amd64")
     (arm,) = await nodes.create(1, arch="arm64", labels={"pool": "gpu"})
@@ -122,11 +135,16 @@ async def test_permanent_stop_transient_retry(api_client, custom, namespace, nod
     kubelet.add_failure(FailureRule(FailureKind.NOT_FOUND, image="quay.io/team/missing:v1"))
     kubelet.add_failure(FailureRule(FailureKind.TIMEOUT, image="quay.io/team/flaky:v1", attempts=2))
     controller = await start_controller(*FAST)
-    await create_cache(custom, namespace, "failures", [
-        {"image": "quay.io/team/missing:v1"},
-        {"image": "quay.io/team/flaky:v1"},
-        {"image": "quay.io/team/fine:v1"},
-    ])
+    await create_cache(
+        custom,
+        namespace,
+        "failures",
+        [
+            {"image": "quay.io/team/missing:v1"},
+            {"image": "quay.io/team/flaky:v1"},
+            {"image": "quay.io/team/fine:v1"},
+        ],
+    )
     (name,) = await nodes.create(1, arch="amd64")
 
     async def settled() -> dict[str, int] | None:
@@ -180,15 +198,22 @@ async def test_kill_and_restart_mid_prepull(api_client, custom, namespace, nodes
         names = await nodes.create(3, arch="amd64")
         await eventually(lambda: _started_on(observer, names[0], 4), timeout=60)
         await anyio.to_thread.run_sync(first.kill)
-        await start_controller(*FAST, "--max-inflight-per-node=3", "--lease-duration=3", "--renew-deadline=2",
-                               "--retry-period=0.5", identity="after-crash")
+        await start_controller(
+            *FAST,
+            "--max-inflight-per-node=3",
+            "--lease-duration=3",
+            "--renew-deadline=2",
+            "--retry-period=0.5",
+            identity="after-crash",
+        )
         for name in names:
             await eventually(lambda name=name: warm(api_client, name, len(images)), timeout=120)
         group.cancel_scope.cancel()
     assert observer.simultaneous_same_image == 0
     for name in names:
         pulls = [
-            r for r in kubelet.pull_log
+            r
+            for r in kubelet.pull_log
             if r.node == name and r.error is None and r.finished_at and r.image != HELPER_IMAGE
         ]
         pulled = [r.image for r in pulls]
@@ -200,16 +225,18 @@ async def test_kill_and_restart_mid_prepull(api_client, custom, namespace, nodes
 async def test_startup_taint_removed(api_client, custom, namespace, nodes, kubelet, start_controller):
     kubelet.add_failure(FailureRule(FailureKind.TIMEOUT, image="quay.io/team/never:v1"))
     taint = {"key": "imgcache.io/warming", "value": "true", "effect": "NoSchedule"}
-    await start_controller(*FAST, "--startup-taint=imgcache.io/warming", "--startup-taint-deadline=15",
-                           "--prepull-deadline=600")
-    await create_cache(custom, namespace, "taint", [{"image": "quay.io/team/ok:v1"}],
-                       nodeSelector={"pool": "ok"})
-    await create_cache(custom, namespace, "taint-bad", [{"image": "quay.io/team/never:v1"}],
-                       nodeSelector={"pool": "bad"})
+    await start_controller(
+        *FAST, "--startup-taint=imgcache.io/warming", "--startup-taint-deadline=15", "--prepull-deadline=600"
+    )
+    await create_cache(custom, namespace, "taint", [{"image": "quay.io/team/ok:v1"}], nodeSelector={"pool": "ok"})
+    await create_cache(
+        custom, namespace, "taint-bad", [{"image": "quay.io/team/never:v1"}], nodeSelector={"pool": "bad"}
+    )
     (good,) = await nodes.create(1, arch="amd64", labels={"pool": "ok"}, taints=[taint])
     (bad,) = await nodes.create(1, arch="amd64", labels={"pool": "bad"}, taints=[taint])
-    (other,) = await nodes.create(1, arch="amd64", labels={"pool": "ok"},
-                                  taints=[{"key": "other", "value": "x", "effect": "NoSchedule"}])
+    (other,) = await nodes.create(
+        1, arch="amd64", labels={"pool": "ok"}, taints=[{"key": "other", "value": "x", "effect": "NoSchedule"}]
+    )
     core = k8s_client.CoreV1Api(api_client)
 
     async def untainted(name: str) -> bool:
@@ -252,8 +279,9 @@ async def _run_throttled(api, custom, namespace, nodes, kubelet, start_controlle
     for name in names:
         await eventually(lambda name=name: warm(api, name, len(images)), timeout=180)
     await anyio.to_thread.run_sync(controller.stop)
-    await custom.delete_namespaced_custom_object("imgcache.io", "v1alpha1", namespace, "imagecaches",
-                                                 registry.split(".")[0])
+    await custom.delete_namespaced_custom_object(
+        "imgcache.io", "v1alpha1", namespace, "imagecaches", registry.split(".")[0]
+    )
     return kubelet.registry_requests[registry].throttled
 
 
@@ -262,7 +290,8 @@ async def test_throttling_adapts_rate(api_client, custom, namespace, nodes, kube
     # the rate pinned at its maximum (minimum equal to maximum).
     kubelet.config.backoff_initial = 30.0
     adaptive = await _run_throttled(api_client, custom, namespace, nodes, kubelet, start_controller, "quay.io")
-    fixed = await _run_throttled(api_client, custom, namespace, nodes, kubelet, start_controller, "ghcr.io",
-                                 "--registry-min-qps=10")
+    fixed = await _run_throttled(
+        api_client, custom, namespace, nodes, kubelet, start_controller, "ghcr.io", "--registry-min-qps=10"
+    )
     assert fixed > 0
     assert adaptive < fixed

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from cluster.helpers import eventually, image_cache
 from kubernetes_asyncio import client as k8s_client
+
+from cluster.helpers import eventually, image_cache
 from testbed.controller import NAMESPACE
 from testbed.controlplane import REPO
 
@@ -15,8 +16,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
 ECR = "111122223333.dkr.ecr.us-west-2.amazonaws.com"
 RULES = (
-    f"--pull-through-rule=docker-hub=registry-1.docker.io@111122223333/us-west-2",
-    f"--pull-through-rule=quay=quay.io@111122223333/us-west-2",
+    "--pull-through-rule=docker-hub=registry-1.docker.io@111122223333/us-west-2",
+    "--pull-through-rule=quay=quay.io@111122223333/us-west-2",
 )
 FAST = ("--pin-debounce=0.5", "--status-interval=1", "--progress-interval=0.5")
 IMAGES = ["nginx:1.27", "quay.io/jetstack/cert-manager-controller:v1.16.2", "registry.k8s.io/pause:3.10"]
@@ -35,7 +36,9 @@ async def observed_images(api, node: str) -> tuple[set[str], set[str]]:
 async def run_scenario(api, custom, namespace, nodes, start_controller, *args: str) -> tuple[set[str], list[str]]:
     await start_controller(*FAST, *args)
     (node,) = await nodes.create(1, arch="amd64")
-    body = image_cache("mirrors", [{"image": i} for i in IMAGES[:2]] + [{"image": IMAGES[2], "pullThroughCache": False}])
+    body = image_cache(
+        "mirrors", [{"image": i} for i in IMAGES[:2]] + [{"image": IMAGES[2], "pullThroughCache": False}]
+    )
     await custom.create_namespaced_custom_object("imgcache.io", "v1alpha1", namespace, "imagecaches", body)
 
     async def settled() -> tuple[set[str], set[str]] | None:
@@ -84,8 +87,11 @@ async def test_rewrite_off_keeps_originals(api_client, custom, namespace, nodes,
     ("image", "expected", "rule"),
     [
         ("nginx:1.27", f"{ECR}/docker-hub/library/nginx:1.27", "docker-hub"),
-        ("quay.io/cilium/cilium:v1.16.4@sha256:" + "a" * 64,
-         f"{ECR}/quay/cilium/cilium:v1.16.4@sha256:" + "a" * 64, "quay"),
+        (
+            "quay.io/cilium/cilium:v1.16.4@sha256:" + "a" * 64,
+            f"{ECR}/quay/cilium/cilium:v1.16.4@sha256:" + "a" * 64,
+            "quay",
+        ),
         ("ghcr.io/fluxcd/source-controller:v1.4.1", "ghcr.io/fluxcd/source-controller:v1.4.1", "none"),
     ],
     ids=["docker-hub-official", "quay-tag-and-digest", "no-rule"],
@@ -93,7 +99,10 @@ async def test_rewrite_off_keeps_originals(api_client, custom, namespace, nodes,
 def test_rewrite_command(image: str, expected: str, rule: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "imgcache", "rewrite", image, *RULES],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
@@ -104,7 +113,10 @@ def test_rewrite_command(image: str, expected: str, rule: str) -> None:
 def test_rewrite_command_rejects_bad_input() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "imgcache", "rewrite", "Nginx:1.27"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "Nginx" in result.stderr

@@ -4,6 +4,7 @@ bandwidth sharing, profile lookup and runtime error wording."""
 from __future__ import annotations
 
 import pytest
+
 from testbed.kubelet import (
     Backoff,
     FailureKind,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from imgcache.config import _OPTIONS
 from imgcache.metrics import Metrics
 

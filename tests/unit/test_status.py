@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import pytest
-
 from imgcache.catalogue import Catalogue, SourceReport
 from imgcache.model import JSON
 from imgcache.status import ImageCounts, build_status, image_counts
