@@ -64,8 +64,6 @@ def test_example_imagecache_accepted(cluster: ControlPlane, installed) -> None:
         cluster,
         "apply",
         "--dry-run=server",
-        "-n",
-        "default",
         "-f",
         str(REPO / "manifests" / "examples" / "imagecache.yaml"),
     )
