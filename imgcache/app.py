@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,11 +64,16 @@ class StartupError(Exception):
 
 @dataclass
 class NodeStore:
-    """Watch Handler for nodes: typed copies for the pinner, events for the scheduler."""
+    """Watch Handler for nodes: typed copies for the pinner, events for the scheduler.
+
+    ``on_platforms`` is called only when the set of node platforms changes, which is
+    all the pinner needs to know; a routine node update costs no pass over all nodes.
+    """
 
     worker: PrepullWorker
-    on_change: Callable[[], None]
+    on_platforms: Callable[[], None]
     nodes: dict[str, Node] = field(default_factory=dict)
+    platforms: Counter[str] = field(default_factory=Counter)
 
     def replace(self, objects: list[JSON]) -> None:
         fresh = {}
@@ -78,19 +84,33 @@ class NodeStore:
         for name in set(self.nodes) - set(fresh):
             self.worker.node_removed(name)
         self.nodes = fresh
-        self.on_change()
+        self.platforms = Counter(node.platform for node in fresh.values())
+        self.on_platforms()
 
     def upsert(self, obj: JSON) -> None:
         node = node_from_json(obj)
+        old = self.nodes.get(node.name)
         self.nodes[node.name] = node
         self.worker.node_upserted(node, str(obj["metadata"].get("resourceVersion", "")))
-        self.on_change()
+        if old is None or old.platform != node.platform:
+            self._count(node.platform, +1)
+            if old is not None:
+                self._count(old.platform, -1)
 
     def remove(self, obj: JSON) -> None:
         name = str(obj["metadata"]["name"])
-        self.nodes.pop(name, None)
+        old = self.nodes.pop(name, None)
         self.worker.node_removed(name)
-        self.on_change()
+        if old is not None:
+            self._count(old.platform, -1)
+
+    def _count(self, platform: str, delta: int) -> None:
+        before = self.platforms[platform] > 0
+        self.platforms[platform] += delta
+        if self.platforms[platform] <= 0:
+            del self.platforms[platform]
+        if before != (platform in self.platforms):
+            self.on_platforms()
 
 
 @dataclass
@@ -197,7 +217,7 @@ class Controller:
             settings.progress_interval,
         )
         options = PinnerOptions(settings.namespace, helper_image, settings.priority_class, settings.host_network)
-        self.nodes = NodeStore(self.worker, self._nodes_changed)
+        self.nodes = NodeStore(self.worker, self.pinner_platforms_changed)
         self.pinner = PinnerReconciler(
             kube, self.catalogue, lambda: list(self.nodes.nodes.values()), options, metrics, settings.pin_debounce
         )
@@ -252,15 +272,15 @@ class Controller:
     def _lease_annotations(self) -> dict[str, str]:
         return {REGISTRIES_ANNOTATION: json.dumps(self.scheduler.registry_summary(), sort_keys=True)}
 
+    def pinner_platforms_changed(self) -> None:
+        self.pinner.request()
+
     def _reflector_synced(self) -> None:
         if self.ready():
             self.synced.set()
 
     def ready(self) -> bool:
         return all(r.synced for r in self.reflectors.values())
-
-    def _nodes_changed(self) -> None:
-        self.pinner.nodes_changed()
 
     def _catalogue_changed(self) -> None:
         images = list(self.catalogue.images.values())

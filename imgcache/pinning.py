@@ -50,18 +50,11 @@ class PinnerReconciler:
         self.applied_generation: dict[str, int] = {}
         self.applies = 0
         self._changed = anyio.Event()
-        self._platforms: frozenset[str] = frozenset()
 
     # -- triggers ----------------------------------------------------------
 
     def request(self) -> None:
         self._changed.set()
-
-    def nodes_changed(self) -> None:
-        platforms = frozenset(node.platform for node in self.nodes())
-        if platforms != self._platforms:
-            self._platforms = platforms
-            self.request()
 
     # -- watch Handler for DaemonSets --------------------------------------
 

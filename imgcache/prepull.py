@@ -407,6 +407,6 @@ class PrepullWorker:
 
     def _update_gauges(self) -> None:
         self.metrics.inflight.set(self.scheduler.inflight)
-        self.metrics.queue_depth.set(self.scheduler.queue_depth())
+        self.metrics.queue_depth.set(self.scheduler.last_queue_depth)
         for registry, bucket in self.scheduler.buckets.items():
             self.metrics.registry_rate.labels(registry=registry).set(bucket.rate)

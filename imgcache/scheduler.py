@@ -102,6 +102,12 @@ class NodeState:
     dirty: bool = False
     complete: bool = False
     warm_recorded: bool = False
+    # The node's applicable images, valid while the catalogue keeps this version.
+    applicable_version: int = -1
+    applicable_images: list[CatalogueImage] = field(default_factory=list)
+    # Catalogue version at which the node had nothing left to start; plan() skips it
+    # until the catalogue or the node changes.
+    idle_version: int = -1
     resource_version: str = ""
 
 
@@ -141,6 +147,7 @@ class Scheduler:
         self.rotation: deque[str] = deque()
         self.inflight = 0
         self.quota_caps: dict[str, float] = {}
+        self.last_queue_depth = 0
         # Pods this scheduler asked to delete; their later events are ignored.
         self.deleting: set[str] = set()
         # Names of pods being deleted, so a create that meets one of them is retried.
@@ -163,7 +170,10 @@ class Scheduler:
             # A new node goes to the front: it has had no share of the slots yet.
             self.rotation.appendleft(node.name)
         else:
+            if (node.labels, node.os, node.arch) != (state.node.labels, state.node.os, state.node.arch):
+                state.applicable_version = -1
             state.node = node
+            state.idle_version = -1
             # Annotations written by an earlier leader are merged, never dropped.
             state.done |= node.done
             for image_hash, failure in node.failed.items():
@@ -183,7 +193,11 @@ class Scheduler:
         ]
 
     def applicable(self, state: NodeState) -> list[CatalogueImage]:
-        return self.catalogue.prepull_images(state.node)
+        version = self.catalogue.version
+        if state.applicable_version != version:
+            state.applicable_images = self.catalogue.prepull_images(state.node)
+            state.applicable_version = version
+        return state.applicable_images
 
     def progress(self, state: NodeState) -> Progress:
         hashes = {image.hash for image in self.applicable(state)}
@@ -242,7 +256,17 @@ class Scheduler:
         now = self.clock()
         launches: list[Launch] = []
         wake: float | None = None
-        queues = {name: self._waiting(self.nodes[name], now) for name in self.rotation}
+        version = self.catalogue.version
+        queues: dict[str, list[CatalogueImage]] = {}
+        for name in self.rotation:
+            state = self.nodes[name]
+            if state.idle_version == version:
+                queues[name] = []
+                continue
+            queues[name] = self._waiting(state, now)
+            if not queues[name] and not state.inflight and not state.retry_at:
+                state.idle_version = version
+        self.last_queue_depth = sum(len(queue) for queue in queues.values())
         progressed = True
         while progressed and self.inflight < self.limits.max_inflight:
             progressed = False
@@ -293,6 +317,7 @@ class Scheduler:
         del state.inflight[launch.image.hash]
         self.inflight -= 1
         state.retry_at[launch.image.hash] = self.clock() + retry_after
+        state.idle_version = -1
 
     # -- pods --------------------------------------------------------------
 
@@ -357,6 +382,7 @@ class Scheduler:
             # Deleted by someone else before it finished: run it again.
             del state.inflight[pod.image_hash]
             self.inflight -= 1
+            state.idle_version = -1
 
     def expired_pods(self) -> list[DeletePod]:
         """Return pods running longer than the pod deadline; they are retried."""
@@ -439,6 +465,7 @@ class Scheduler:
         gave_up = not permanent and now - state.first_try.get(pod.image_hash, now) > self.limits.prepull_deadline
         if permanent or gave_up:
             state.failed[pod.image_hash] = failure.value
+            state.retry_at.pop(pod.image_hash, None)
             state.dirty = True
         else:
             self._schedule_retry(state, pod.image_hash, now, throttled=failure is FailureClass.THROTTLED)
@@ -470,6 +497,7 @@ class Scheduler:
             ceiling = min(self.limits.retry_max, self.limits.retry_initial * 2 ** (attempts - 1))
             delay = self.rng.uniform(ceiling / 2, ceiling)
         state.retry_at[image_hash] = now + delay
+        state.idle_version = -1
 
 
 def _pulled(pod: Pod) -> bool:

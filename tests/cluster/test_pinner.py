@@ -248,9 +248,14 @@ async def test_deleted_daemonset_restored(api_client, custom, namespace, nodes, 
         return ds is not None and ds.metadata.uid != first.metadata.uid
 
     assert await eventually(recreated)
-    edited = (await pinner_daemonsets(api_client))["imgcache-pinner-linux-amd64"]
-    edited.spec.template.spec.containers[0].image = "registry.k8s.io/pause:3.9"
-    await apps.replace_namespaced_daemon_set("imgcache-pinner-linux-amd64", NAMESPACE, edited)
+    # A JSON patch edits the live object without a read-modify-write race against the
+    # DaemonSet controller's status updates.
+    await apps.patch_namespaced_daemon_set(
+        "imgcache-pinner-linux-amd64",
+        NAMESPACE,
+        [{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "registry.k8s.io/pause:3.9"}],
+        _content_type="application/json-patch+json",
+    )
 
     async def reverted() -> bool:
         ds = (await pinner_daemonsets(api_client))["imgcache-pinner-linux-amd64"]
