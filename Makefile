@@ -3,7 +3,8 @@
 
 SHELL := /bin/bash
 UV_VERSION := 0.13.8
-UV := uv
+# `python3 -m uv` works right after the pip install below, before any shell rehash.
+UV := python3 -m uv
 PYTEST_ARGS ?=
 KUBECTL := .cluster/bin/kubectl --kubeconfig .cluster/kubeconfig
 
@@ -15,7 +16,7 @@ help: ## List the targets
 
 .PHONY: tools
 tools: ## Install uv, the locked Python dependencies and the system packages the tests use
-	@command -v $(UV) >/dev/null || python3 -m pip install --quiet "uv==$(UV_VERSION)"
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
 	$(UV) sync --frozen
 	@bash tests/install-system-packages.sh
 
