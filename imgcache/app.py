@@ -268,6 +268,7 @@ class Controller:
             annotations=self._lease_annotations,
         )
         self.synced = anyio.Event()
+        self.catalogue_synced = anyio.Event()
 
     def _lease_annotations(self) -> dict[str, str]:
         return {REGISTRIES_ANNOTATION: json.dumps(self.scheduler.registry_summary(), sort_keys=True)}
@@ -276,6 +277,8 @@ class Controller:
         self.pinner.request()
 
     def _reflector_synced(self) -> None:
+        if self.reflectors["watch.imagecaches"].synced:
+            self.catalogue_synced.set()
         if self.ready():
             self.synced.set()
 
@@ -306,12 +309,20 @@ class Controller:
                 supervise(group, "pinner", self.pinner.run)
             supervise(group, "status", self.status.run)
 
+    async def _watch_pods(self) -> None:
+        # A finished pod marks its node complete when no applicable image is left, and
+        # before the ImageCache list arrives no image is applicable. Pods are therefore
+        # listed only after the catalogue is, or a restarted controller would take nodes
+        # with images still missing for complete and remove their startup taint.
+        await self.catalogue_synced.wait()
+        await self.reflectors["watch.pods"].run()
+
     async def run(self) -> None:
         app = build_app(self.metrics.registry, self.ready, lambda: True, self.pull_through.request_refresh)
         async with anyio.create_task_group() as group:
             supervise(group, "http", lambda: serve(app, self.settings.http_address, self.settings.http_port))
             for name, reflector in self.reflectors.items():
-                supervise(group, name, reflector.run)
+                supervise(group, name, self._watch_pods if name == "watch.pods" else reflector.run)
             supervise(group, "pullthrough", self.pull_through.run)
             if self.settings.leader_election:
                 supervise(group, "leader", lambda: self.elector.run(self.lead))
