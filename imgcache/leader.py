@@ -86,15 +86,20 @@ class LeaderElector:
         last_renewed = time.monotonic()
         while True:
             await anyio.sleep(self.settings.retry_period)
-            try:
-                if await self._try_acquire_or_renew():
-                    last_renewed = time.monotonic()
-                    continue
-                reason = "held by another replica"
-            except ApiError as error:
-                reason = f"{error.status} {error.message}"
-                log.warning("leader.renew_failed", status=error.status, error=error.message)
-            if time.monotonic() - last_renewed > self.settings.renew_deadline:
+            # A request that hangs must not keep this replica leading past the renew
+            # deadline, because a follower takes the Lease once it expires.
+            remaining = self.settings.renew_deadline - (time.monotonic() - last_renewed)
+            reason = f"no response from the API server within {self.settings.renew_deadline:g} s"
+            with anyio.move_on_after(max(remaining, 0.0)):
+                try:
+                    if await self._try_acquire_or_renew():
+                        last_renewed = time.monotonic()
+                        continue
+                    reason = "held by another replica"
+                except ApiError as error:
+                    reason = f"{error.status} {error.message}"
+                    log.warning("leader.renew_failed", status=error.status, error=error.message)
+            if time.monotonic() - last_renewed >= self.settings.renew_deadline:
                 self.leading = False
                 self.on_change(False)
                 log.error("leader.lost", identity=self.settings.identity, reason=reason)
