@@ -362,6 +362,16 @@ async def main(settings: Settings) -> int:
     kube = await Kube.connect(settings.kubeconfig, on_error=metrics.count_api_error)
     try:
         try:
+            await kube.version()
+        except ApiError as error:
+            log.error(
+                "controller.start_failed",
+                server=kube.server,
+                kubeconfig=settings.kubeconfig,
+                error=_access_problem(error),
+            )
+            return 2
+        try:
             helper_image = await resolve_helper_image(kube, settings)
         except StartupError as error:
             log.error("controller.start_failed", error=str(error))
@@ -382,6 +392,21 @@ async def main(settings: Settings) -> int:
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(settings.shutdown_timeout):
             await kube.close()
+
+
+def _access_problem(error: ApiError) -> str:
+    """Describe why the first request to the API server failed, and what to fix."""
+    if error.status == 0:
+        return (
+            f"cannot reach the API server ({error.reason}: {error.message}); check the server address "
+            "in the kubeconfig and that the API server is running"
+        )
+    if error.status == 401:
+        return (
+            "the API server rejected the credentials (401 Unauthorized): the token or client certificate "
+            "is invalid or expired, so create a new one"
+        )
+    return f"the API server failed the first request with {error.status} {error.reason}: {error.message}"
 
 
 def _exit_code(group: BaseExceptionGroup) -> int:

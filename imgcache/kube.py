@@ -56,6 +56,18 @@ class KubeConfigError(Exception):
     """The kubeconfig or in-cluster configuration cannot be loaded."""
 
 
+def _check_mapping(path: str) -> None:
+    """Raise ValueError unless the file holds a YAML mapping, as every kubeconfig does.
+
+    The client library reports other YAML, such as plain text, with a Python type error.
+    """
+    with open(path, encoding="utf-8") as file:
+        content = yaml.safe_load(file)
+    if not isinstance(content, dict):
+        found = "nothing" if content is None else f"a YAML {type(content).__name__}"
+        raise ValueError(f"the file contains {found} instead of a mapping with clusters, users and contexts")
+
+
 class ApiError(Exception):
     """A Kubernetes API request failed with an HTTP status or a connection error.
 
@@ -111,6 +123,7 @@ class Kube:
         configuration = k8s_client.Configuration()
         try:
             if kubeconfig:
+                _check_mapping(kubeconfig)
                 await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
             else:
                 k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
@@ -121,13 +134,19 @@ class Kube:
                 if kubeconfig
                 else "run inside a pod with a ServiceAccount token, or pass --kubeconfig PATH"
             )
-            raise KubeConfigError(f"cannot load {source}: {error}; {hint}") from error
+            # YAML errors span several lines; the message stays on one.
+            detail = " ".join(str(error).split())
+            raise KubeConfigError(f"cannot load {source}: {detail}; {hint}") from error
         api = k8s_client.ApiClient(configuration)
         return cls(api, on_error)
 
     @property
     def server(self) -> str:
         return str(self._api.configuration.host)
+
+    async def version(self, timeout: float = 10.0) -> JSON:
+        """Return the API server's /version; raise ApiError if it is unreachable or rejects the credentials."""
+        return await self._json("get", "GET", "/version", timeout=timeout)
 
     async def close(self) -> None:
         await self._api.close()
