@@ -70,4 +70,5 @@ image: ## Build the container image (needs a Docker engine with buildx)
 .PHONY: clean
 clean: ## Stop any local cluster and remove build output (keeps the Go binaries)
 	-cd tests && $(UV) run python -m testbed down 2>/dev/null
+	-cd tests && $(UV) run python -m testbed.demo --stop 2>/dev/null
 	rm -rf .cluster/local .cluster/test-* .cluster/demo dist .pytest_cache .mypy_cache .ruff_cache

@@ -97,7 +97,7 @@ def _status(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
     try:
-        report = anyio.run(_collect_status, args.kubeconfig, args.namespace, args.lease_name)
+        report = anyio.run(collect_status, args.kubeconfig, args.namespace, args.lease_name)
     except (KubeConfigError, ApiError) as error:
         print(f"imgcache: error: {error}", file=sys.stderr)
         return 1
@@ -108,7 +108,8 @@ def _status(argv: list[str]) -> int:
     return 0
 
 
-async def _collect_status(kubeconfig: str | None, namespace: str, lease_name: str) -> dict[str, object]:
+async def collect_status(kubeconfig: str | None, namespace: str, lease_name: str) -> dict[str, object]:
+    """Read nodes, ImageCaches and the leader Lease; return the report that `status` prints."""
     kube = await Kube.connect(kubeconfig)
     try:
         nodes, _ = await kube.list(NODES)
@@ -165,7 +166,7 @@ def format_status(report: dict[str, object]) -> str:
     lines.append("")
     lines.append(f"{'REGISTRY':48} {'RATE/S':>8} {'MAX/S':>8} {'THROTTLED(5m)':>14}")
     for row in report["registries"]:  # type: ignore[attr-defined]
-        lines.append(f"{row['registry'][:48]:48} {row['rate']:>8} {row['maxRate']:>8} {row['throttled5m']:>14}")
+        lines.append(f"{row['registry'][:48]:48} {row['rate']:>8.2f} {row['maxRate']:>8.2f} {row['throttled5m']:>14}")
     lines.append("")
     lines.append(f"leader: {report['leader'] or 'none'}")
     return "\n".join(lines)

@@ -42,7 +42,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from imgcache.cli import _collect_status
+from imgcache.cli import collect_status
 from imgcache.kube import ApiError, KubeConfigError
 from imgcache.reference import parse as parse_imgcache_reference
 from testbed.controller import (
@@ -466,7 +466,7 @@ class StatusView:
 
     async def refresh(self) -> None:
         try:
-            self.report = await _collect_status(str(self.kubeconfig), NAMESPACE, LEASE_NAME)
+            self.report = await collect_status(str(self.kubeconfig), NAMESPACE, LEASE_NAME)
         except (ApiError, KubeConfigError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             log.warning("reading imgcache status failed, retrying in %.0f s: %s", LIVE_TABLE_INTERVAL, exc)
             self.screen.show_table([f"reading imgcache status failed, retrying: {exc}"])
