@@ -206,6 +206,16 @@ class Catalogue:
             ref = parse(text)
         except InvalidReference as error:
             return EntryReport(text, None, None, str(error))
+        pin = entry.get("pin", True) is not False
+        prepull = entry.get("prepull", True) is not False
+        if not pin and not prepull:
+            return EntryReport(
+                text,
+                None,
+                None,
+                "pin and prepull are both false, so imgcache does nothing with this image; "
+                "set one of them to true or remove the entry",
+            )
         platforms_raw = entry.get("platforms")
         platforms = frozenset(str(p) for p in platforms_raw) if platforms_raw else None
         use_rewrite = object_pull_through and entry.get("pullThroughCache", True) is not False
@@ -217,8 +227,8 @@ class Catalogue:
         scope = Scope(
             node_selector=selector,
             platforms=platforms,
-            pin=entry.get("pin", True) is not False,
-            prepull=entry.get("prepull", True) is not False,
+            pin=pin,
+            prepull=prepull,
         )
         image = images.get(digest)
         if image is None:
