@@ -24,7 +24,18 @@ from imgcache.ratelimit import AdaptiveBucket
 
 log = structlog.get_logger(__name__)
 
-PULL_ERROR_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+# The kubelet's image errors (pkg/kubelet/images/types.go), which it sets as the waiting
+# reason of a container whose image it could not inspect or pull.
+PULL_ERROR_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "ImageInspectError",
+        "RegistryUnavailable",
+    }
+)
 PREPULL_CONTAINER = "prepull"
 PREPULL_COMPONENT = "prepull"
 
