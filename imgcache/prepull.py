@@ -380,7 +380,10 @@ class PrepullWorker:
                     resource=resource,
                     namespace=self.namespace,
                     error=error.message,
-                    hint=f"grant '{verb}' on {resource} to imgcache's ServiceAccount (see manifests/rbac.yaml)",
+                    hint=(
+                        f"grant '{verb}' on {resource} to imgcache's ServiceAccount "
+                        "(see manifests/base/clusterrole.yaml and manifests/base/role.yaml)"
+                    ),
                     **ids,
                 )
             return
