@@ -20,6 +20,7 @@ import pytest
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
+
 from testbed.controlplane import REPO, ControlPlane
 from testbed.kubelet import KubeletConfig, SimulatedKubelet
 from testbed.nodes import NodeFactory

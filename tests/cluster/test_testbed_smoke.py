@@ -20,6 +20,7 @@ import anyio
 import pytest
 from conftest import start_plane
 from kubernetes_asyncio import client as k8s_client
+
 from testbed.controlplane import COMPONENTS, ControlPlane
 from testbed.kubelet import (
     FailureKind,
