@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 _DECREASE_WINDOW_SECONDS = 2.0
 # Each success adds this fraction of the maximum rate back (about 40 successes to recover).
 _INCREASE_FRACTION = 0.025
+# Close to the rate that was last throttled, the increase is this many times smaller, so
+# the bucket probes the quota gently instead of hitting it again every few dozen pulls.
+_PROBE_SLOWDOWN = 10.0
+# "Close" means above this share of the last throttled rate.
+_PROBE_THRESHOLD = 0.85
 
 
 @dataclass
@@ -28,6 +33,8 @@ class AdaptiveBucket:
     rate: float = 0.0
     tokens: float = 0.0
     _last_decrease: float = float("-inf")
+    # The rate at the last throttling response; 0 until the registry throttles.
+    throttled_rate: float = 0.0
     throttled_at: deque[float] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
@@ -70,13 +77,17 @@ class AdaptiveBucket:
         if now - self._last_decrease < _DECREASE_WINDOW_SECONDS:
             return False
         self._last_decrease = now
+        self.throttled_rate = self.rate
         self.rate = max(self.min_rate, self.rate / 2)
         self.tokens = min(self.tokens, 0.0)
         return True
 
     def on_success(self, now: float) -> None:
         self._refill(now)
-        self.rate = min(self.max_rate, self.rate + self.max_rate * _INCREASE_FRACTION)
+        step = self.max_rate * _INCREASE_FRACTION
+        if self.throttled_rate and self.rate >= _PROBE_THRESHOLD * self.throttled_rate:
+            step /= _PROBE_SLOWDOWN
+        self.rate = min(self.max_rate, self.rate + step)
 
     def cap(self, quota: float) -> None:
         """Keep the maximum rate below an externally known quota (such as ECR's)."""

@@ -169,11 +169,17 @@ def test_bucket_success_recovers_to_max() -> None:
     bucket = make_bucket(max_rate=10.0)
     bucket.on_throttled(0.0)
 
-    for step in range(19):
+    # Fast steps of 0.25 from 5.0 up to 85 % of the throttled rate (8.5).
+    for step in range(14):
         bucket.on_success(1.0 + step)
-    assert bucket.rate < 10.0
+    assert bucket.rate == pytest.approx(8.5)
 
-    bucket.on_success(100.0)
+    # Above that, steps of 0.025 probe the last throttled rate gently.
+    bucket.on_success(20.0)
+    assert bucket.rate == pytest.approx(8.525)
+
+    for step in range(59):
+        bucket.on_success(21.0 + step)
     assert bucket.rate == pytest.approx(10.0)
 
 
