@@ -37,7 +37,7 @@ from imgcache.reference import parse
 from imgcache.scheduler import Launch, node_key, pod_name
 from testbed.controller import HELPER_IMAGE, NAMESPACE, ControllerProcess, kubectl
 from testbed.controlplane import ControlPlane
-from testbed.kubelet import ImageProfile, RegistryProfile
+from testbed.kubelet import ImageProfile, KubeletConfig, RegistryProfile, SimulatedKubelet
 from testbed.proxy import TcpProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
@@ -413,8 +413,10 @@ async def test_sigkill_five_times(api_client, custom, namespace, nodes, kubelet,
     assert pulled_twice(kubelet, names) == {}
     assert await eventually(lambda: no_prepull_pods(api_client))
 
-    # Removed once a node has every image, or at its deadline, or as soon as a
-    # controller leads after the deadline; 3 s cover the flush interval and polling.
+    # Removed once a node has every image, or at its deadline, or as soon as a controller
+    # leads after the deadline. The slack covers the 0.5 s flush interval, the 0.25 s
+    # polling and API latency: at a load average of 7 on 2 cores, removal came up to
+    # 5.7 s after the deadline.
     clock_offset = time.time() - time.monotonic()
     last_pull = {n: 0.0 for n in names}
     for record in kubelet.pull_log:
@@ -423,7 +425,7 @@ async def test_sigkill_five_times(api_client, custom, namespace, nodes, kubelet,
     late, early = {}, {}
     for name in names:
         due = created_at[name] + deadline
-        if untainted_at[name] > leader_due(min(due, max(last_pull[name], created_at[name])), terms) + 3:
+        if untainted_at[name] > leader_due(min(due, max(last_pull[name], created_at[name])), terms) + 8:
             late[name] = round(untainted_at[name] - created_at[name], 1)
         if untainted_at[name] < min(due, last_pull[name]) - 1:
             early[name] = round(untainted_at[name] - created_at[name], 1)
@@ -552,7 +554,8 @@ async def test_node_recreated_same_name(api_client, custom, namespace, nodes, ku
     kubelet.set_registry("quay.io", RegistryProfile(images=ImageProfile(pull_seconds=2.0)))
     images = images_of("quay.io", 4)
     core = k8s_client.CoreV1Api(api_client)
-    await start_controller(*FAST, "--max-inflight-per-node=2")
+    # Debug logs record every pod created and deleted, for a failure to be traced.
+    controller = await start_controller(*FAST, "--max-inflight-per-node=2", "--log-level=debug")
     await create_cache(custom, namespace, "reborn", images)
     (name,) = await nodes.create(1)
     old_uid = (await core.read_node(name)).metadata.uid
@@ -569,7 +572,11 @@ async def test_node_recreated_same_name(api_client, custom, namespace, nodes, ku
     assert await nodes.create(1, prefix=nodes.prefix) == [name]
     new_uid = (await core.read_node(name)).metadata.uid
 
-    await eventually(lambda: warm(api_client, name, len(images)), timeout=90)
+    try:
+        await eventually(lambda: warm(api_client, name, len(images)), timeout=90)
+    except AssertionError as error:
+        annotations = (await core.read_node(name)).metadata.annotations
+        raise AssertionError(f"{error}; node annotations: {annotations}; log: {controller.log_path}") from None
     assert new_uid != old_uid
     assert {str(parse(i)) for i in images} <= held(kubelet, name)
     assert await eventually(lambda: no_prepull_pods(api_client), timeout=30)
@@ -603,28 +610,36 @@ async def test_mass_join_and_leave(api_client, custom, namespace, nodes, kubelet
 
 
 @pytest.mark.slow
-async def test_throttle_storm(api_client, custom, namespace, nodes, kubelet, start_controller):
+async def test_throttle_storm(api_client, custom, namespace, nodes, start_controller):
     """A registry quota of half the controller's start rate: about half the requests would be throttled.
 
     The simulator has no switch that throttles a share of requests. The storm is therefore
     a token bucket of 5 requests per second, burst 5, against a controller that starts at
-    10 per second, burst 10, and has to find the quota by itself.
+    10 per second, burst 10, and has to find the quota by itself. The kubelet backs off
+    as a real one does (10 s, then doubling), not as fast as the shared test fixture, so
+    the count shows imgcache's requests and not the test kubelet's in-pod retries.
     """
-    kubelet.set_registry("quay.io", RegistryProfile(qps=5, burst=5, images=ImageProfile(pull_seconds=0.3)))
+    config = KubeletConfig(node_bandwidth=10_000_000, default_image_size=1_000_000, node_status_interval=1.0)
+    config.registries["quay.io"] = RegistryProfile(qps=5, burst=5, images=ImageProfile(pull_seconds=0.3))
+    kubelet = SimulatedKubelet(api_client, config)
     images = images_of("quay.io", 6)
-    names = await nodes.create(20)
-    await create_cache(custom, namespace, "storm", images)
-    controller = await start_controller(*FAST, "--registry-qps=10", "--registry-burst=10", "--registry-min-qps=0.5")
-    await eventually(lambda: all_warm(api_client, names, len(images)), timeout=240, interval=1.0)
+    async with kubelet.running():
+        names = await nodes.create(20)
+        await create_cache(custom, namespace, "storm", images)
+        controller = await start_controller(*FAST, "--registry-qps=10", "--registry-burst=10",
+                                            "--registry-min-qps=0.5")
+        await eventually(lambda: all_warm(api_client, names, len(images)), timeout=240, interval=1.0)
+        assert await eventually(lambda: no_prepull_pods(api_client))
 
     needed = len(names) * len(images)
     requests = kubelet.registry_requests["quay.io"]
     throttled = metric(await scrape(controller), "imgcache_registry_throttled_total", registry="quay.io")
-    assert requests.succeeded == needed
+    for name in names:
+        assert {str(parse(i)) for i in images} <= held(kubelet, name)
+    assert pulled_twice(kubelet, names) == {}
     assert requests.throttled > 0, "the quota never throttled, so the test tested nothing"
     assert throttled > 0
     assert requests.total <= 1.2 * needed, f"{requests.total} requests for {needed} pulls: {requests}"
-    assert await eventually(lambda: no_prepull_pods(api_client))
 
 
 # -- hung network path ---------------------------------------------------------
