@@ -130,7 +130,7 @@ _CREDENTIALS_FIX = (
     "give the imgcache service account an IAM role through IRSA "
     "(eks.amazonaws.com/role-arn annotation) or an EKS Pod Identity association"
 )
-_REGION_FIX = "set AWS_REGION in the pod environment or the region in the imgcache AWS settings"
+_REGION_FIX = "set --aws-region (IMGCACHE_AWS_REGION) or AWS_REGION in the pod environment"
 
 
 @dataclass(frozen=True)

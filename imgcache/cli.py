@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
 
 import anyio
 
@@ -22,6 +25,7 @@ commands:
   run       run the controller (see `imgcache run --help`)
   status    print per-node and per-ImageCache progress read from the cluster
   rewrite   print the pull-through cache rewrite of an image reference
+  version   print the imgcache version
 """
 
 
@@ -37,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(rest)
     if command == "rewrite":
         return _rewrite(rest)
+    if command in ("version", "--version"):
+        print(f"imgcache {metadata.version('imgcache')}")
+        return 0
     print(f"imgcache: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
@@ -87,19 +94,38 @@ def _rewrite(argv: list[str]) -> int:
     return 0
 
 
+def _default_kubeconfig() -> str | None:
+    """Return the kubeconfig kubectl would use, or None to use the in-cluster credentials."""
+    from_environment = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    if from_environment:
+        return from_environment
+    home = Path.home() / ".kube" / "config"
+    return str(home) if home.is_file() else None
+
+
 def _status(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="imgcache status", description="Print prepull progress read from the cluster."
     )
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster ServiceAccount)")
+    parser.add_argument(
+        "--kubeconfig",
+        default=_default_kubeconfig(),
+        help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config, else the in-cluster ServiceAccount)",
+    )
     parser.add_argument("--namespace", default="imgcache-system", help="imgcache's namespace (default imgcache-system)")
     parser.add_argument("--lease-name", default="imgcache-leader", help="leader Lease name (default imgcache-leader)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
     try:
         report = anyio.run(collect_status, args.kubeconfig, args.namespace, args.lease_name)
-    except (KubeConfigError, ApiError) as error:
+    except KubeConfigError as error:
         print(f"imgcache: error: {error}", file=sys.stderr)
+        return 1
+    except ApiError as error:
+        hint = ""
+        if error.not_found and "imagecaches" in error.path:
+            hint = " The ImageCache CRD is missing: install imgcache with kubectl apply -k manifests/."
+        print(f"imgcache: error: {error}.{hint}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(report, indent=2))

@@ -135,8 +135,8 @@ class Kube:
                 else "run inside a pod with a ServiceAccount token, or pass --kubeconfig PATH"
             )
             # YAML errors span several lines; the message stays on one.
-            detail = " ".join(str(error).split())
-            raise KubeConfigError(f"cannot load {source}: {detail}; {hint}") from error
+            detail = " ".join(str(error).split()).rstrip(".")
+            raise KubeConfigError(f"cannot load {source}: {detail}. Fix: {hint}") from error
         api = k8s_client.ApiClient(configuration)
         return cls(api, on_error)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from testbed.controller import NAMESPACE, kubectl
 from testbed.controlplane import REPO, ControlPlane
 
