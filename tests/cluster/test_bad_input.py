@@ -179,9 +179,16 @@ async def test_invalid_entries_in_status(api_client, custom, namespace, nodes, k
 
     cache = await eventually(reported, timeout=30)
     entries = cache["status"]["images"]  # type: ignore[index]
-    events = await k8s_client.CoreV1Api(api_client).list_namespaced_event(
-        namespace, field_selector="involvedObject.name=mixed,reason=InvalidEntry"
-    )
+    core = k8s_client.CoreV1Api(api_client)
+
+    async def three_warnings() -> list[object] | None:
+        # The Warning Events follow the status write, one request each.
+        listing = await core.list_namespaced_event(
+            namespace, field_selector="involvedObject.name=mixed,reason=InvalidEntry"
+        )
+        return listing.items if len(listing.items) >= 3 else None
+
+    events = await eventually(three_warnings, timeout=30)
     assert "255" in entries[0]["error"]
     assert "digest" in entries[1]["error"]
     assert "pin and prepull are both false" in entries[2]["error"]
@@ -189,7 +196,7 @@ async def test_invalid_entries_in_status(api_client, custom, namespace, nodes, k
     assert entries[3]["cached"] == 1
     assert cache_condition(cache, "Degraded")["status"] == "True"
     assert cache["status"]["imageCount"] == 1  # type: ignore[index]
-    assert len(events.items) == 3
+    assert len(events) == 3
     assert controller.process.poll() is None
 
 
