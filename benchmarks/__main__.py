@@ -1,4 +1,4 @@
-"""``python -m benchmarks`` runs the whole suite; ``--quick`` runs a smaller version."""
+"""``python -m benchmarks`` runs the whole suite, and ``--quick`` runs a smaller version."""
 
 import sys
 from pathlib import Path

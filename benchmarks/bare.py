@@ -49,7 +49,7 @@ class Client:
 
 
 def pod_body(name: str, node: str, node_uid: str, image: str, helper_image: str) -> JSON:
-    """A pod of the same shape and size as an imgcache prepull pod."""
+    """Build a pod of the same shape and size as an imgcache prepull pod."""
     security = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "allowPrivilegeEscalation": False,
                 "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
                 "seccompProfile": {"type": "RuntimeDefault"}}

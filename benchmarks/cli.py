@@ -87,6 +87,7 @@ async def _run(args: argparse.Namespace, run_dir: Path) -> JSON:
         await anyio.to_thread.run_sync(cluster.down)
         sampler.sample()
         results["load"] = sampler.summary(before, os.getloadavg())
+        results["controller_revisions"] = cluster.revisions
         results["wall_seconds"] = round(time.monotonic() - started, 1)
     return results
 

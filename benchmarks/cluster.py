@@ -27,6 +27,7 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.machine import revision
 from testbed.controller import NAMESPACE, ControllerProcess, install_manifests, kubectl, service_account_kubeconfig
 from testbed.controlplane import REPO, ControlPlane
 
@@ -105,6 +106,9 @@ class BenchCluster:
     kubeconfig: Path = field(init=False)
     api: k8s_client.ApiClient | None = None
     controllers: list[ControllerProcess] = field(default_factory=list)
+    # The commit and uncommitted imgcache/ files each controller started from, by name,
+    # because other people may commit while the suite runs.
+    revisions: dict[str, JSON] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.plane = ControlPlane(REPO / ".cluster" / f"bench-{secrets.token_hex(4)}")
@@ -184,9 +188,10 @@ class BenchCluster:
     async def start_controller(self, name: str, args: Iterable[str], profile: Path | None = None) -> ControllerProcess:
         """Start ``imgcache run`` with ``args``, optionally under cProfile, and wait until it leads."""
         await self.reset_leader()
+        self.revisions[name] = revision(REPO)
         process = ControllerProcess(self.kubeconfig, self.root / f"{name}.log", list(args), name)
         if profile is not None:
-            # argv is [python, -m, imgcache, run, ...]; cProfile runs the same module.
+            # argv is [python, -m, imgcache, run, ...], and cProfile runs the same module.
             process.argv[1:1] = ["-m", "cProfile", "-o", str(profile)]
         process.start()
         self.controllers.append(process)
@@ -247,7 +252,7 @@ class BenchCluster:
         await poll(gone, timeout, f"nodes {selector} to be deleted")
 
 
-async def poll(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+async def poll(check: Callable[[], Any], timeout: float, description: str, interval: float = 0.5) -> Any:
     """Call ``check`` (sync or async) until it returns a truthy value; return it or raise TimeoutError."""
     deadline = time.monotonic() + timeout
     while True:
@@ -257,7 +262,7 @@ async def poll(check: Callable[[], Any], timeout: float, what: str, interval: fl
         if result:
             return result
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {description}")
         await anyio.sleep(interval)
 
 

@@ -12,15 +12,18 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
 from kubernetes_asyncio import client as k8s_client
 
+from benchmarks.bare import Client, pod_body
 from benchmarks.cluster import GROUP_LABEL, BenchCluster, create_node_objects, plain_node, poll
 from benchmarks.observe import WatchLog, record_added
-from testbed.controller import NAMESPACE
+from imgcache.kube import PODS, Kube
+from testbed.controller import HELPER_IMAGE, NAMESPACE
 from testbed.controlplane import REPO
 
 JSON = dict[str, Any]
@@ -95,6 +98,7 @@ async def run(cluster: BenchCluster, quick: bool) -> JSON:
             bare.terminate()
             await bare.wait()
 
+        round_trips = await _client_round_trips(cluster, p.latency_samples)
         for round_index in range(p.throughput_rounds):
             rate = await _imgcache_throughput(api, pods, p, round_index)
             throughput["imgcache"].append(rate)
@@ -118,6 +122,8 @@ async def run(cluster: BenchCluster, quick: bool) -> JSON:
         "create_throughput_median": rates,
         "create_throughput_ratio": rates["imgcache"] / rates["bare"],
         "bare_create_reports": bare_reported,
+        "client_round_trip_seconds": round_trips,
+        "client_round_trip_median": {kind: statistics.median(values) for kind, values in round_trips.items()},
     }
 
 
@@ -130,6 +136,43 @@ async def _reaction(nodes: WatchLog, pods: WatchLog, node: str, timeout: float =
                 if on_node:
                     return min(on_node) - nodes.added[node]
             await anyio.sleep(0.01)
+
+
+async def _client_round_trips(cluster: BenchCluster, samples: int) -> dict[str, list[float]]:
+    """Time pod creates one at a time through imgcache's API client and through bare aiohttp.
+
+    Both send the same body to the same server with the same token, so the difference
+    is the client library's own cost per request.
+    """
+    assert cluster.api is not None
+    await create_node_objects(cluster.api, [plain_node("cost-round-trip", {GROUP_LABEL: "cost-round-trip"})])
+    node = await k8s_client.CoreV1Api(cluster.api).read_node("cost-round-trip")
+    kube = await Kube.connect(str(cluster.kubeconfig))
+    bare = Client(cluster.kubeconfig, pool=1)
+    times: dict[str, list[float]] = {"imgcache.kube": [], "aiohttp": []}
+    try:
+        for index in range(samples + 1):
+            body = pod_body(f"round-trip-kube-{index:03d}", node.metadata.name, node.metadata.uid,
+                            "cost.registry.bench/bench/round-trip:v1", HELPER_IMAGE)
+            started = time.perf_counter()
+            await kube.create(PODS, body, NAMESPACE)
+            kube_seconds = time.perf_counter() - started
+
+            body = pod_body(f"round-trip-bare-{index:03d}", node.metadata.name, node.metadata.uid,
+                            "cost.registry.bench/bench/round-trip:v1", HELPER_IMAGE)
+            started = time.perf_counter()
+            status = await bare.create_pod(NAMESPACE, body)
+            bare_seconds = time.perf_counter() - started
+            if status != 201:
+                raise RuntimeError(f"bare pod create failed with HTTP {status}")
+            # The first pair opens the connections, so it is left out.
+            if index:
+                times["imgcache.kube"].append(kube_seconds)
+                times["aiohttp"].append(bare_seconds)
+    finally:
+        await kube.close()
+        await bare.close()
+    return times
 
 
 def _rate(pods: WatchLog, node_names: set[str], expected: int) -> float | None:

@@ -1,4 +1,4 @@
-"""What the suite ran on: hardware, software versions and how busy the machine was."""
+"""The machine a run used: hardware, software versions, the commit and the load from other work."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def other_workloads(own_root: str) -> dict[str, int]:
 
 
 class LoadSampler:
-    """Samples the 1-minute load average while the suite runs."""
+    """Sampler of the 1-minute load average and of other people's processes while the suite runs."""
 
     def __init__(self, own_root: str) -> None:
         self.own_root = own_root

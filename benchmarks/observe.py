@@ -34,7 +34,7 @@ def first_present(sim: SimulatedKubelet, node: str, images: list[str]) -> dict[s
 async def wait_present(
     sim: SimulatedKubelet, expected: Mapping[str, list[str]], deadline: float, poll: float = 0.5
 ) -> set[str]:
-    """Wait until every node holds its images or ``deadline`` (monotonic) passes; return the warm nodes."""
+    """Wait until every node contains its images or ``deadline`` (monotonic) passes; return the warm nodes."""
     warm: set[str] = set()
     while True:
         for node, images in expected.items():
@@ -85,7 +85,7 @@ async def record_added(api: k8s_client.ApiClient, path: str, log: WatchLog, labe
     """Watch ``path`` from now on and record when each object's ADDED event arrives.
 
     The watch starts at the resourceVersion of a fresh list, so objects that exist
-    already are not reported. Runs until cancelled; reconnects when the server closes.
+    already are not reported. It runs until cancelled and reconnects when the server ends the stream.
     """
     query = {"limit": "1"}
     if label_selector:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from benchmarks import plots
+from testbed.controlplane import REPO
 
 JSON = dict[str, Any]
 MIB = 2**20
@@ -18,7 +20,7 @@ def _goal(scenario: str, goal: str, measured: float | None, met: bool, text: str
 
 
 def goals(results: JSON) -> list[JSON]:
-    """Evaluate every goal that the run measured; a missing measurement is a goal not met."""
+    """Evaluate the goals of every scenario that ran; an imgcache run that did not finish is a goal not met."""
     scenarios = results["scenarios"]
     found: list[JSON] = []
     if "warmup" in scenarios:
@@ -111,6 +113,18 @@ def write(results: JSON, docs: Path, run_dir: Path) -> None:
 # -- the page ---------------------------------------------------------------------------
 
 
+def _same_imgcache(commits: list[str]) -> bool:
+    """Return whether imgcache/ has the same content in every commit (False if git cannot tell)."""
+    trees = set()
+    for commit in commits:
+        result = subprocess.run(["git", "rev-parse", f"{commit}:imgcache"], cwd=REPO, capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            return False
+        trees.add(result.stdout.strip())
+    return len(trees) == 1
+
+
 def _seconds(value: float | None, at_least: float | None = None) -> str:
     if value is None:
         return f"> {at_least:.0f} s" if at_least is not None else "n/a"
@@ -153,11 +167,18 @@ def render(results: JSON, images: list[str]) -> str:
     changed = revision["imgcache_uncommitted"]
     add(f"- imgcache at commit `{revision['commit'][:12]}`"
         + (f", with uncommitted changes in {', '.join(changed)}." if changed else ", with no uncommitted changes."))
+    started = results.get("controller_revisions", {})
+    commits = sorted({r["commit"] for r in started.values()})
+    if len(commits) > 1:
+        same = _same_imgcache(commits) and not any(r["imgcache_uncommitted"] for r in started.values())
+        add("- Other people committed while the suite ran, so the controllers started from different commits ("
+            + "; ".join(f"{name} at `{r['commit'][:12]}`" for name, r in started.items())
+            + "). " + ("imgcache/ is the same in all of them." if same else "imgcache/ differs between them."))
     shared = "**shared**: other people's test runs or clusters were running" if load["shared"] else "not shared"
-    add(f"- The machine was {shared} (at most {load['other_processes_max']['pytest']} pytest processes and "
-        f"{load['other_processes_max']['kube-apiserver']} other API servers seen). Load average (1, 5, 15 min) "
-        f"before: {load['loadavg_before']}, after: {load['loadavg_after']}, highest 1-minute value sampled "
-        f"every 30 s: {load['loadavg_1m_max']}.")
+    add(f"- The machine was {shared} (up to {load['other_processes_max']['pytest']} pytest processes and "
+        f"{load['other_processes_max']['kube-apiserver']} other kube-apiserver processes at a time). Load "
+        f"average (1, 5, 15 min) before: {load['loadavg_before']}, after: {load['loadavg_after']}, highest "
+        f"1-minute value sampled every 30 s: {load['loadavg_1m_max']}.")
     if results.get("errors"):
         add(f"- **Scenarios that failed to run:** {', '.join(sorted(results['errors']))}; their tracebacks "
             "are in results.json.")
@@ -247,9 +268,10 @@ def _render_burst(add: Any, data: JSON) -> None:
         f"{p['images']} images ({p['total_bytes_per_node'] / 1e9:.2f} GB, seed {p['seed']}) from one registry "
         f"whose quota, shared by all nodes, is {p['qps']:g} requests/s with a burst of {p['burst']}. Each node "
         f"downloads {p['bandwidth'] / 1e6:.0f} MB/s. Pull times are not scaled (time_scale "
-        f"{p['time_scale']:g}): the quota, not bandwidth, sets the bound, and it was chosen so that this machine's "
-        f"API server and the in-process simulator keep up with the pod rate it allows. Registry model: "
-        f"{p['registry_request_model']}. Kubelet: {p['kubelet']}.")
+        f"{p['time_scale']:g}), so the quota, not bandwidth, sets the bound; a lower quota would not fit the "
+        "suite's 30-minute budget. At this pod rate the API server, the in-process simulator and imgcache share "
+        "2 cores, so part of a run's excess over the bound can be this machine's limit rather than imgcache's. "
+        f"Registry model: {p['registry_request_model']}. Kubelet: {p['kubelet']}.")
     add("")
     add(f"imgcache flags: `{' '.join(p['imgcache_flags'])}`, all others default. Bound "
         f"{bound['seconds']:.1f} s: max(last join + bytes / bandwidth = {bound['bandwidth_term']:.1f} s, "
@@ -269,9 +291,22 @@ def _render_burst(add: Any, data: JSON) -> None:
             f"{kinds} |")
     add("")
 
-    add("`prepull-only` is imgcache with `--pinner=false`. It is not a goal; it separates the prepull scheduler "
-        "from the pinner's DaemonSet pods, which start on every new node at once and pull the same images "
-        "outside imgcache's token bucket. A run stopped at its deadline shows `>` and the share of pairs present.")
+    mine = data["runs"].get("imgcache")
+    if mine is not None:
+        kinds = mine["requests_by_pod_kind"]
+        pinner = kinds.get("imgcache pinner pods", 0)
+        total = sum(kinds.values())
+        add(f"In the imgcache run, the pinner's DaemonSet pods sent {pinner} of the {total} registry requests "
+            f"({pinner / total * 100 if total else 0:.0f} %). Those pods start on every new node at once and pull "
+            "the same images one after another, outside imgcache's token bucket, so their throttled pulls back "
+            "off with the kubelet's 10 s to 300 s delays.")
+    if "prepull-only" in data["runs"]:
+        add("")
+        add("`prepull-only` is imgcache with `--pinner=false`. It is not a goal; it separates the prepull "
+            "scheduler from the pinner.")
+    add("")
+    add("A run stopped at its deadline shows `>`, with the share of pairs present at that moment; its request "
+        "counts cover only that window.")
     add("")
     add("![Share of (node, image) pairs present over time](benchmarks/burst.png)")
     add("")
@@ -298,6 +333,12 @@ def _render_cost(add: Any, data: JSON) -> None:
         f"fixed API concurrency), median of {p['throughput_rounds']} rounds: imgcache "
         f"{rates['imgcache']:.0f} pods/s, bare create loop {rates['bare']:.0f} pods/s, ratio "
         f"{data['create_throughput_ratio']:.2f}. Rates are from the first to the last pod's ADDED event.")
+    if "client_round_trip_median" in data:
+        trips = data["client_round_trip_median"]
+        add(f"- One pod create at a time, the same body, server and token: imgcache's API client "
+            f"(`imgcache.kube` on kubernetes_asyncio) median {trips['imgcache.kube'] * 1000:.1f} ms, bare aiohttp "
+            f"{trips['aiohttp'] * 1000:.1f} ms. This separates the client library's cost from the controller's "
+            "own path from watch event to create request.")
     add("")
     add("![Reaction latency and pod creation rate](benchmarks/cost.png)")
     add("")
@@ -328,6 +369,14 @@ def _render_scale(add: Any, data: JSON) -> None:
     add(f"The first row is the controller with the catalogue loaded and no scale nodes yet. RSS grows by "
         f"{data['rss_per_1000_nodes_bytes'] / MIB:.2f} MiB per 1,000 nodes between {data['memory'][1]['nodes']} "
         f"and {data['memory'][-1]['nodes']} nodes.")
+    if "import_rss_bytes" in data:
+        sizes = data["import_rss_bytes"]
+        probes = ", ".join(f"{name} {size / MIB:.0f} MiB" for name, size in sizes.items())
+        extra = (sizes["kubernetes_asyncio.client"] - sizes["the other dependencies"]) / MIB
+        add("")
+        add(f"RSS of a fresh Python process that only runs one import, measured in the same run: {probes}. "
+            f"Importing kubernetes_asyncio's generated client package takes {extra:.0f} MiB more than importing "
+            "aiohttp, anyio, prometheus_client, structlog and PyYAML together.")
     add("")
 
     new = data["requests_per_new_node"]
@@ -382,6 +431,5 @@ def _render_model(add: Any) -> None:
     add("- The baselines create their pods the moment the node's create request returns, with no reaction "
         "delay of their own; imgcache's times include its watch and pod creation.")
     add("- The control plane, the simulated kubelet, imgcache and the benchmark share the same cores, so API "
-        "latency rises with load. The burst quota was chosen so that this machine keeps up, which the "
-        "`nodes_warm` and timeline fields of results.json let a reader check.")
+        "latency rises with load, from this suite and from anything else on the machine.")
     add("")

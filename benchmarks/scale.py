@@ -14,6 +14,7 @@ are warmed for real to count requests per new node.
 from __future__ import annotations
 
 import pstats
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ def params(quick: bool) -> ScaleParams:
         node_counts=(200, 500) if quick else (1000, 2000, 5000),
         images=100,
         new_nodes=3 if quick else 5,
-        steady_seconds=20.0 if quick else 120.0,
+        steady_seconds=20.0 if quick else 90.0,
         image_size=1 * MB,
         imgcache_flags=("--pinner=false",),
     )
@@ -125,9 +126,31 @@ async def run(cluster: BenchCluster, quick: bool) -> JSON:
         "rss_per_1000_nodes_bytes": per_thousand,
         "requests_per_new_node": per_node,
         "steady_state": steady,
+        "import_rss_bytes": await _import_rss(),
         "profile": _profile_summary(profile_path),
         "profile_file": str(profile_path),
     }
+
+
+# Statements whose memory a fresh interpreter reports, to show where the controller's
+# RSS before any node comes from.
+_IMPORT_PROBES = {
+    "python alone": "pass",
+    "imgcache.app (the whole controller)": "import imgcache.app",
+    "kubernetes_asyncio.client": "import kubernetes_asyncio.client",
+    "aiobotocore": "import aiobotocore.session",
+    "the other dependencies": "import aiohttp, anyio, prometheus_client, structlog, yaml",
+}
+
+
+async def _import_rss() -> dict[str, int]:
+    """Return the RSS in bytes of a fresh Python process after each import probe."""
+    report = "import re; print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    sizes = {}
+    for name, statement in _IMPORT_PROBES.items():
+        result = await anyio.run_process([sys.executable, "-c", f"{statement}\n{report}"], cwd=REPO)
+        sizes[name] = int(result.stdout.decode().strip()) * 1024
+    return sizes
 
 
 def _memory(controller: ControllerProcess) -> JSON:
@@ -156,6 +179,7 @@ async def _requests_per_new_node(
     names = [f"{prefix}-{i}" for i in range(p.new_nodes)]
     for name in names:
         await core.create_node(node_manifest(name, labels={GROUP_LABEL: SCALE_GROUP}))
+
     with anyio.fail_after(600):
         while True:
             warm = 0
@@ -170,8 +194,9 @@ async def _requests_per_new_node(
                 break
             await anyio.sleep(1.0)
     warmed = time.monotonic() - began
-    # Two progress intervals, so the last annotation write is counted.
+    # Two progress intervals (5 s each by default) and a margin, so the last annotation write is counted.
     await anyio.sleep(12)
+
     after = await anyio.to_thread.run_sync(cluster.imgcache_requests)
     diff = {key: after[key] - before[key] for key in before}
     return {
@@ -198,7 +223,7 @@ def _profile_summary(path: Path, limit: int = 15) -> JSON:
     for (filename, line, function), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
         rows.append({"function": f"{_short(filename)}:{line}({function})", "calls": calls,
                      "tottime": round(tottime, 3), "cumtime": round(cumtime, 3)})
-    # Module bodies and the task wrappers only enclose the work; they are left out of the imgcache lists.
+    # Module bodies and the task wrappers only enclose the work, so the imgcache lists leave them out.
     wrappers = ("(<module>)", "cli.py:", "app.py:338(runner)")
     own = [r for r in rows if r["function"].startswith("imgcache/") and not any(w in r["function"]
                                                                                for w in wrappers)]

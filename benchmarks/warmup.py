@@ -1,4 +1,4 @@
-"""Scenario 1: one new node warms up 40 images; imgcache against three user strategies.
+"""Scenario 1: one new node warms up 40 images, with imgcache and three user strategies side by side.
 
 Every (registry regime, strategy) pair gets its own kwok node and its own registry
 host with identical image sizes, so all eight warm-ups run at the same time on the
@@ -63,8 +63,8 @@ def params(quick: bool) -> WarmupParams:
     if quick:
         return WarmupParams(images=12, seed=1, bandwidth=50 * MB, time_scale=1.0, refresh_period=40.0,
                             deadline=100.0, regimes=regimes)
-    return WarmupParams(images=40, seed=1, bandwidth=50 * MB, time_scale=1.0, refresh_period=180.0,
-                        deadline=300.0, regimes=regimes)
+    return WarmupParams(images=40, seed=1, bandwidth=50 * MB, time_scale=1.0, refresh_period=150.0,
+                        deadline=270.0, regimes=regimes)
 
 
 def _host(regime: Regime, strategy: str) -> str:
