@@ -174,11 +174,15 @@ def render(results: JSON, images: list[str]) -> str:
         add("- Other people committed while the suite ran, so the controllers started from different commits ("
             + "; ".join(f"{name} at `{r['commit'][:12]}`" for name, r in started.items())
             + "). " + ("imgcache/ is the same in all of them." if same else "imgcache/ differs between them."))
-    shared = "**shared**: other people's test runs or clusters were running" if load["shared"] else "not shared"
-    add(f"- The machine was {shared} (up to {load['other_processes_max']['pytest']} pytest processes and "
-        f"{load['other_processes_max']['kube-apiserver']} other kube-apiserver processes at a time). Load "
-        f"average (1, 5, 15 min) before: {load['loadavg_before']}, after: {load['loadavg_after']}, highest "
-        f"1-minute value sampled every 30 s: {load['loadavg_1m_max']}.")
+    others = load["other_processes_max"]
+    if load["shared"]:
+        add(f"- The machine was **shared**: other people's work ran at the same time (seen in samples every 30 s: "
+            f"up to {others['pytest']} pytest processes and {others['kube-apiserver']} kube-apiserver processes "
+            "of other clusters).")
+    else:
+        add("- The machine was not shared: no other test run or cluster was seen.")
+    add(f"- Load average (1, 5, 15 min), this suite's own load included: before {load['loadavg_before']}, after "
+        f"{load['loadavg_after']}, highest 1-minute value sampled every 30 s {load['loadavg_1m_max']}.")
     if results.get("errors"):
         add(f"- **Scenarios that failed to run:** {', '.join(sorted(results['errors']))}; their tracebacks "
             "are in results.json.")
@@ -213,7 +217,8 @@ def _render_warmup(add: Any, data: JSON) -> None:
     add("")
     add(f"One kwok node joins and needs {p['images']} images of {p['total_bytes'] / 1e9:.2f} GB in total. Sizes "
         f"are drawn with seed {p['seed']} from a log-normal spread (median 40 MB, sigma 1.2, clipped to "
-        f"0.3 MB..1.5 GB): {', '.join(f'{s / 1e6:.0f}' for s in sorted(p['image_sizes_bytes']))} MB. The node "
+        f"0.3 MB..1.5 GB). In MB they are {', '.join(f'{s / 1e6:.0f}' for s in sorted(p['image_sizes_bytes']))}. "
+        "The node "
         f"downloads {p['bandwidth'] / 1e6:.0f} MB/s, shared equally by its concurrent pulls; the kubelet pulls "
         "in parallel without a limit and backs off 10 s, doubling to 300 s, after a failed pull. imgcache "
         "runs with its default flags, pinner included, and its own helper image (an estimated 70 MB) is not "
@@ -350,9 +355,9 @@ def _render_scale(add: Any, data: JSON) -> None:
     add("## 4. Scale and memory")
     add("")
     add(f"The catalogue holds {p['images']} images. Mode: {p['mode']}. The nodes are plain Node objects that "
-        "kwok does not manage, each annotated as prepulled with every catalogue image, as imgcache leaves a "
-        "warm node; imgcache keeps its full per-node state for them but starts no pods, as in a cluster where "
-        "nearly every node is warm. The pinner is off because its DaemonSet would add one pod per node, "
+        "kwok does not manage. Each is annotated as prepulled with every catalogue image, as imgcache leaves a "
+        "warm node, so imgcache keeps its full per-node state for them but starts no pods, as in a cluster "
+        "where nearly every node is warm. The pinner is off because its DaemonSet would add one pod per node, "
         "which is the kubelet's and the scheduler's cost rather than imgcache's. RSS is VmRSS from "
         "/proc/<pid>/status.")
     add("")
@@ -382,13 +387,13 @@ def _render_scale(add: Any, data: JSON) -> None:
     new = data["requests_per_new_node"]
     requests = new["requests"]
     add(f"Requests per new node: {new['nodes']} kwok nodes joined the {data['memory'][-1]['nodes']}-node cluster "
-        f"and imgcache warmed them ({p['images']} pods each) in {new['seconds_to_warm']:.0f} s. The API "
-        "server's `apiserver_flowcontrol_dispatched_requests_total`, read from its /metrics with the admin "
-        "client certificate and diffed around the joins, counted imgcache's requests through FlowSchemas that "
-        "match only imgcache's ServiceAccount: "
+        f"and imgcache warmed them ({p['images']} pods each) in {new['seconds_to_warm']:.0f} s. FlowSchemas "
+        "that match only imgcache's ServiceAccount let the API server's own "
+        "`apiserver_flowcontrol_dispatched_requests_total` count imgcache's requests. The suite read it from "
+        "/metrics with the admin client certificate before and after the joins. It rose by "
         f"{requests['other']:.0f} requests that are neither watches nor lease requests, {requests['watch']:.0f} "
-        f"watch requests and {requests['lease']:.0f} lease requests, so "
-        f"{new['per_node_excluding_watch_and_lease']:.1f} per node without watches and leases "
+        f"watch requests and {requests['lease']:.0f} lease requests. That is "
+        f"{new['per_node_excluding_watch_and_lease']:.1f} requests per node without watches and leases "
         f"({new['per_node_all']:.1f} with them). `apiserver_request_total` over all clients, the simulated "
         f"kubelet and kwok included, rose by {requests['all_clients']:.0f}.")
     add("")
