@@ -27,7 +27,7 @@ MAX_ENTRIES = 256
 
 @dataclass(frozen=True)
 class Scope:
-    """Where and how one declaration wants an image."""
+    """The nodes and uses (pin, prepull) that one declaration requests for an image."""
 
     node_selector: tuple[tuple[str, str], ...]
     platforms: frozenset[str] | None
@@ -49,7 +49,7 @@ class Scope:
 
 @dataclass
 class CatalogueImage:
-    """One distinct image with every declaration (scope) that asks for it."""
+    """One distinct image with every declaration (scope) that requests it."""
 
     ref: ImageRef
     resolved: ImageRef
@@ -91,6 +91,16 @@ def _key(obj: JSON) -> str:
     return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
 
 
+def _same_spec(old: JSON, new: JSON) -> bool:
+    old_metadata = old.get("metadata") or {}
+    new_metadata = new.get("metadata") or {}
+    return bool(
+        old_metadata.get("uid") == new_metadata.get("uid")
+        and old_metadata.get("generation")
+        and old_metadata.get("generation") == new_metadata.get("generation")
+    )
+
+
 def _selector(spec: JSON) -> tuple[tuple[str, str], ...]:
     raw = spec.get("nodeSelector") or {}
     if not isinstance(raw, dict):
@@ -123,7 +133,13 @@ class Catalogue:
         self._rebuild()
 
     def upsert(self, obj: JSON) -> None:
-        self._objects[_key(obj)] = obj
+        key = _key(obj)
+        previous = self._objects.get(key)
+        self._objects[key] = obj
+        if previous is not None and _same_spec(previous, obj):
+            # imgcache's own status writes come back as updates; the spec is unchanged,
+            # so a rebuild would only invalidate every node's cached image list.
+            return
         self._rebuild()
 
     def remove(self, obj: JSON) -> None:

@@ -7,6 +7,8 @@ so thousands of nodes cost kilobytes each instead of whole Node objects.
 from __future__ import annotations
 
 import datetime
+import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,12 @@ def parse_time(text: str | None) -> float:
     if not text:
         return 0.0
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@functools.lru_cache(maxsize=4096)
+def _hash_set(annotation: str) -> frozenset[str]:
+    """Parse a comma-separated hash list once; warm nodes with the same list share the set."""
+    return frozenset(sys.intern(h) for h in annotation.split(",") if h)
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ def node_from_json(obj: JSON) -> Node:
         for t in (obj.get("spec") or {}).get("taints") or []
     )
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-    done = frozenset(h for h in str(annotations.get(DONE_ANNOTATION, "")).split(",") if h)
+    done = _hash_set(str(annotations.get(DONE_ANNOTATION, "")))
     failed: dict[str, str] = {}
     for item in str(annotations.get(FAILED_ANNOTATION, "")).split(","):
         image_hash, _, failure = item.partition(":")

@@ -374,3 +374,20 @@ def test_catalogue_rewrite_failure_reported() -> None:
     assert entries[1].error is not None
     assert "pull-through cache rewrite failed" in entries[1].error
     assert [str(image.resolved) for image in catalogue.images.values()] == [NGINX_CACHED]
+
+
+def test_status_only_update_keeps_version() -> None:
+    catalogue = Catalogue()
+    obj = imagecache_json("c", ["nginx"])
+    obj["metadata"].update(uid="u1", generation=1)
+    catalogue.replace([obj])
+    version = catalogue.version
+
+    status_write = {**obj, "status": {"imageCount": 1}}
+    catalogue.upsert(status_write)
+    assert catalogue.version == version
+
+    edited = {**obj, "metadata": {**obj["metadata"], "generation": 2}, "spec": {"images": [{"image": "redis"}]}}
+    catalogue.upsert(edited)
+    assert catalogue.version == version + 1
+    assert [str(i.ref) for i in catalogue.images.values()] == ["docker.io/library/redis:latest"]
