@@ -59,15 +59,15 @@ class ShutdownRequested(Exception):
 
 
 class StartupError(Exception):
-    """The controller cannot start; the message says what to fix."""
+    """The controller cannot start; the message names what to fix."""
 
 
 @dataclass
 class NodeStore:
     """Watch Handler for nodes: typed copies for the pinner, events for the scheduler.
 
-    ``on_platforms`` is called only when the set of node platforms changes, which is
-    all the pinner needs to know; a routine node update costs no pass over all nodes.
+    ``on_platforms`` is called only when the set of node platforms changes, because that
+    is all the pinner needs to know. A routine node update costs no pass over all nodes.
     """
 
     worker: PrepullWorker

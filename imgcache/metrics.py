@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
-# Image pulls take from well under a second (a cached layer) to many minutes
-# (multi-GB images on a throttled registry); buckets are roughly doubling up to 20 min.
+# Image pulls take from well under a second (a cached layer) to many minutes (multi-GB
+# images on a throttled registry). The buckets roughly double up to 20 min.
 _PULL_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 240, 480, 900, 1200)
 # Compressed image sizes span ~1 MB (pause) to several GB (ML images); powers of 4 from 1 MiB.
 _SIZE_BUCKETS = tuple(float(2**20 * 4**i) for i in range(9))

@@ -30,7 +30,7 @@ PINNER_COMPONENT = "pinner"
 DAEMONSET_LABEL = "imgcache.io/pinner"
 SPEC_HASH_ANNOTATION = "imgcache.io/spec-hash"
 IMAGES_HASH_ANNOTATION = "imgcache.io/images-hash"
-# The longest sleep busybox accepts on every architecture (2^31 - 1 seconds, 68 years).
+# Maximum sleep that busybox accepts on every architecture (2^31 - 1 seconds, 68 years).
 SLEEP_SECONDS = "2147483647"
 
 

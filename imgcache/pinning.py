@@ -1,4 +1,4 @@
-"""Keeps the pinner DaemonSets in the cluster equal to what the catalogue asks for.
+"""Keeps the pinner DaemonSets in the cluster equal to what the catalogue requests.
 
 Changes are debounced, so a burst of ImageCache edits causes one rollout. A DaemonSet
 that someone edits or deletes is restored, and one with no images left is deleted.

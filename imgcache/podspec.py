@@ -11,7 +11,7 @@ from typing import Any
 
 from imgcache.model import COMPONENT, MANAGED_BY, MANAGER
 
-# Where the imgcache image keeps Debian's statically linked busybox.
+# Path of Debian's statically linked busybox inside the imgcache image.
 HELPER_SOURCE = "/usr/local/lib/imgcache/busybox"
 HELPER_DIR = "/imgcache"
 HELPER = f"{HELPER_DIR}/busybox"

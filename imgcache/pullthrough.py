@@ -2,7 +2,7 @@
 
 With static rules from flags nothing is read from AWS. Otherwise the rules come from ECR
 DescribePullThroughCacheRules, read at start, every refresh interval and on demand.
-Outside AWS (no region configured) the feature stays off and says so once.
+Outside AWS (no region configured) the feature stays off and logs that once.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-# A throttling burst usually answers many requests sent in the same second; only the
-# first response in this window lowers the rate, so one burst halves it once.
+# A throttling burst usually rejects many requests sent in the same second. Only the
+# first rejection in this window lowers the rate, so one burst halves it once.
 _DECREASE_WINDOW_SECONDS = 2.0
 # Each success adds this fraction of the maximum rate back (about 40 successes to recover).
 _INCREASE_FRACTION = 0.025
@@ -71,16 +71,17 @@ class AdaptiveBucket:
         return (1.0 - self.tokens) / self.rate
 
     def on_throttled(self, now: float) -> bool:
-        """Halve the rate, at most once per window; return True if it changed."""
+        """Halve the rate at most once per window; return True if this call lowered it."""
         self._refill(now)
         self.throttled_at.append(now)
         if now - self._last_decrease < _DECREASE_WINDOW_SECONDS:
             return False
         self._last_decrease = now
         self.throttled_rate = self.rate
+        before = self.rate
         self.rate = max(self.min_rate, self.rate / 2)
         self.tokens = min(self.tokens, 0.0)
-        return True
+        return self.rate < before
 
     def on_success(self, now: float) -> None:
         self._refill(now)

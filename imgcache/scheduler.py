@@ -468,7 +468,7 @@ class Scheduler:
         now = self.clock()
         del state.inflight[pod.image_hash]
         self.inflight -= 1
-        # A failure of the helper image says nothing about the cached image, so it is
+        # A failure of the helper image tells nothing about the cached image, so it is
         # never recorded against that image and is always retried.
         permanent = failure in PERMANENT and not helper
         if failure is FailureClass.THROTTLED and not helper:

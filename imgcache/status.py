@@ -1,6 +1,6 @@
 """Writes ImageCache status and Events from the scheduler's per-node results.
 
-Status says, per image, on how many nodes it is cached, pending or failed, plus Ready
+Status records, per image, on how many nodes it is cached, pending or failed, plus Ready
 and Degraded conditions. It is written only when it changes, so an idle cluster costs
 no API requests. Warning Events go on the ImageCache for what a person must act on.
 """

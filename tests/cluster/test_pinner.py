@@ -89,7 +89,7 @@ async def test_added_image_rolls_out_once_with_surge(api_client, custom, namespa
     stop = anyio.Event()
 
     async def watch_pins() -> None:
-        # Every node must keep a running pod that holds the old pins for the whole rollout.
+        # Every node must keep a running pod that contains the old pins for the whole rollout.
         while not stop.is_set():
             pods = await core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/component=pinner")
             for node in names:

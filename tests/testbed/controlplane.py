@@ -28,7 +28,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 # Components in start order; ``down`` stops them in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 # kwok manages only nodes carrying this annotation and leaves every pod to the
-# simulated kubelet, because its configuration below holds node stages only.
+# simulated kubelet, because its configuration below contains node stages only.
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
 _KWOK_CONFIG = """\
@@ -339,7 +339,7 @@ class ControlPlane:
         process = self._processes.pop(name, None)
         if process is not None:
             # _alive may have reaped the child already, or seen it as a zombie just before
-            # it became waitable; wait() covers both and records the exit on the object.
+            # it became waitable. wait() handles both and records the exit on the object.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
 

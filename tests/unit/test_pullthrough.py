@@ -67,7 +67,7 @@ def test_throttle_counted_with_aws_source() -> None:
 
 
 class QuotaSource:
-    """Answers ecr_rate_quotas like AwsClient does."""
+    """Returns fixed ECR rate quotas from ecr_rate_quotas, as AwsClient does."""
 
     def __init__(self, quotas: dict[str, float]) -> None:
         self.quotas = quotas

@@ -295,3 +295,9 @@ def test_bucket_recent_throttles_window() -> None:
     assert bucket.recent_throttles(299.0) == 2
     assert bucket.recent_throttles(301.0) == 1
     assert bucket.recent_throttles(200.0 + 301.0) == 0
+
+
+def test_bucket_throttle_at_floor_reports_no_change() -> None:
+    bucket = make_bucket(max_rate=1.0, min_rate=1.0)
+    assert bucket.on_throttled(0.0) is False
+    assert bucket.rate == 1.0
