@@ -37,6 +37,13 @@ class PullThroughRefresher:
         self._requested = anyio.Event()
         self._registry = "ecr"
 
+    def aws_settings(self) -> AwsSettings:
+        return AwsSettings(
+            region=self.settings.aws_region,
+            account=self.settings.aws_account,
+            endpoint_url=self.settings.aws_endpoint_url,
+        )
+
     def request_refresh(self) -> None:
         self._requested.set()
 
@@ -60,13 +67,8 @@ class PullThroughRefresher:
         if self.settings.pull_through_rules:
             log.info("pullthrough.static_rules", rules=len(self.settings.pull_through_rules))
             await anyio.sleep_forever()
-        aws_settings = AwsSettings(
-            region=self.settings.aws_region,
-            account=self.settings.aws_account,
-            endpoint_url=self.settings.aws_endpoint_url,
-        )
         try:
-            async with AwsClient(aws_settings, on_throttle=self._throttled) as aws:
+            async with AwsClient(self.aws_settings(), on_throttle=self._throttled) as aws:
                 await self._loop(aws)
         except AwsConfigurationError as error:
             log.info("pullthrough.off", reason=str(error))

@@ -91,3 +91,13 @@ async def test_quota_caps_registry_rate() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_aws_flags_reach_client_settings() -> None:
+    settings = load(
+        ["--aws-region=eu-west-1", "--aws-account=111122223333", "--aws-endpoint-url=http://127.0.0.1:5000"], {}
+    )
+    catalogue = Catalogue()
+    subject = PullThroughRefresher(settings, catalogue, Scheduler(catalogue, Limits(), clock=lambda: 0.0), Metrics())
+    aws = subject.aws_settings()
+    assert (aws.region, aws.account, aws.endpoint_url) == ("eu-west-1", "111122223333", "http://127.0.0.1:5000")
