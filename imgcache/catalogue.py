@@ -118,6 +118,10 @@ class Catalogue:
         self.reports: dict[str, SourceReport] = {}
         self.version = 0
         self._listeners: list[Callable[[], None]] = []
+        # Node label keys that any nodeSelector names, and the prepull lists per node
+        # shape: nodes that agree on platform and on those labels get the same list.
+        self._selector_keys: tuple[str, ...] = ()
+        self._prepull_lists: dict[tuple[str | None, ...], list[CatalogueImage]] = {}
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -149,7 +153,13 @@ class Catalogue:
     # -- queries -----------------------------------------------------------
 
     def prepull_images(self, node: Node) -> list[CatalogueImage]:
-        return [image for image in self.images.values() if image.prepull_on(node)]
+        """Return the images to prepull on ``node``; the list is shared, so never change it."""
+        shape = (node.os, node.arch, *(node.labels.get(key) for key in self._selector_keys))
+        images = self._prepull_lists.get(shape)
+        if images is None:
+            images = [image for image in self.images.values() if image.prepull_on(node)]
+            self._prepull_lists[shape] = images
+        return images
 
     def pinned(self) -> Iterable[CatalogueImage]:
         return (image for image in self.images.values() if any(s.pin for s in image.scopes))
@@ -165,6 +175,10 @@ class Catalogue:
         self.images = images
         self.reports = reports
         self.version += 1
+        self._selector_keys = tuple(
+            sorted({key for image in images.values() for scope in image.scopes for key, _ in scope.node_selector})
+        )
+        self._prepull_lists = {}
         if before != set(images):
             log.info(
                 "catalogue.changed",

@@ -103,7 +103,9 @@ class NodeState:
 
     node: Node
     key: str
-    done: set[str]
+    # Replaced, never changed in place, so warm nodes can share the set parsed from
+    # their identical annotations: at thousands of nodes that is most of the memory.
+    done: frozenset[str]
     failed: dict[str, str]
     inflight: dict[str, str] = field(default_factory=dict)
     retry_at: dict[str, float] = field(default_factory=dict)
@@ -176,7 +178,7 @@ class Scheduler:
             actions += self.remove_node(node.name)
             state = None
         if state is None:
-            state = NodeState(node=node, key=node_key(node), done=set(node.done), failed=dict(node.failed))
+            state = NodeState(node=node, key=node_key(node), done=node.done, failed=dict(node.failed))
             self.nodes[node.name] = state
             # A new node goes to the front: it has had no share of the slots yet.
             self.rotation.appendleft(node.name)
@@ -186,7 +188,10 @@ class Scheduler:
             state.node = node
             state.idle_version = -1
             # Annotations written by an earlier leader are merged, never dropped.
-            state.done |= node.done
+            if node.done >= state.done:
+                state.done = node.done
+            elif not node.done <= state.done:
+                state.done = state.done | node.done
             for image_hash, failure in node.failed.items():
                 state.failed.setdefault(image_hash, failure)
         state.resource_version = resource_version
@@ -278,16 +283,21 @@ class Scheduler:
             if not queues[name] and not state.inflight and not state.retry_at:
                 state.idle_version = version
         self.last_queue_depth = sum(len(queue) for queue in queues.values())
+        # Only nodes with something to start take turns; in a large, mostly warm cluster
+        # that is a handful of the thousands in the rotation. The others keep their order
+        # behind them.
+        active = deque(name for name in self.rotation if queues[name])
+        idle = [name for name in self.rotation if not queues[name]]
         progressed = True
         while progressed and self.inflight < self.limits.max_inflight:
             progressed = False
-            for _ in range(len(self.rotation)):
+            for _ in range(len(active)):
                 # Check the cap before the node takes its turn, so a node reached while
                 # every slot is taken keeps its place at the front for the next free slot.
                 if self.inflight >= self.limits.max_inflight:
                     break
-                name = self.rotation[0]
-                self.rotation.rotate(-1)
+                name = active[0]
+                active.rotate(-1)
                 state = self.nodes[name]
                 if len(state.inflight) >= self.limits.max_inflight_per_node:
                     continue
@@ -297,6 +307,8 @@ class Scheduler:
                 if launch is not None:
                     launches.append(launch)
                     progressed = True
+        active.extend(idle)
+        self.rotation = active
         for state in self.nodes.values():
             for at in state.retry_at.values():
                 if at > now:
@@ -446,7 +458,7 @@ class Scheduler:
         now = self.clock()
         del state.inflight[pod.image_hash]
         self.inflight -= 1
-        state.done.add(pod.image_hash)
+        state.done = state.done | {pod.image_hash}
         state.succeeded.add(pod.image_hash)
         state.retry_at.pop(pod.image_hash, None)
         state.dirty = True

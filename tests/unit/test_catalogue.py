@@ -292,6 +292,24 @@ def test_catalogue_node_selector_scope(labels: dict[str, str], expected: int) ->
     assert len(catalogue.prepull_images(node("worker", labels=labels))) == expected
 
 
+def test_catalogue_prepull_list_follows_selector_labels_and_changes() -> None:
+    catalogue = catalogue_of(
+        imagecache_json("all", ["busybox"]),
+        imagecache_json("gpu", ["cuda"], node_selector={"pool": "gpu"}),
+    )
+    gpu = {str(i.resolved) for i in catalogue.prepull_images(node("a", labels={"pool": "gpu", "zone": "x"}))}
+    cpu = {str(i.resolved) for i in catalogue.prepull_images(node("b", labels={"pool": "cpu", "zone": "x"}))}
+    arm = catalogue.prepull_images(node("c", arch="arm64", labels={"pool": "gpu"}))
+
+    catalogue.upsert(imagecache_json("gpu", ["cuda", "nccl"], node_selector={"pool": "gpu"}, generation=2))
+    after = {str(i.resolved) for i in catalogue.prepull_images(node("a", labels={"pool": "gpu", "zone": "y"}))}
+
+    assert gpu == {"docker.io/library/busybox:latest", "docker.io/library/cuda:latest"}
+    assert cpu == {"docker.io/library/busybox:latest"}
+    assert len(arm) == 2
+    assert after == gpu | {"docker.io/library/nccl:latest"}
+
+
 def test_catalogue_windows_nodes_get_nothing() -> None:
     catalogue = catalogue_of(
         imagecache_json(

@@ -670,6 +670,32 @@ def test_remove_node_returns_deletions() -> None:
     assert scheduler.remove_node("n1") == []
 
 
+def test_warm_nodes_share_one_done_set() -> None:
+    images = registry_images(REGISTRY, 3)
+    scheduler, _, cluster = make_scheduler(images, [node("cold")])
+    all_hashes = sorted(launch.image.hash for launch in cluster.plan())
+    scheduler.set_node(node("warm-1", done=all_hashes))
+    scheduler.set_node(node("warm-2", done=all_hashes))
+
+    assert scheduler.nodes["warm-1"].done is scheduler.nodes["warm-2"].done
+    assert scheduler.nodes["cold"].done == frozenset()
+
+
+def test_plan_skips_idle_nodes_and_keeps_their_order() -> None:
+    scheduler, _, cluster = make_scheduler(registry_images(REGISTRY, 2), max_inflight_per_node=2)
+    all_hashes = sorted(scheduler.catalogue.images)
+    for index in range(50):
+        scheduler.set_node(node(f"warm-{index}", done=all_hashes))
+    assert cluster.plan() == []
+    order = list(scheduler.rotation)
+
+    scheduler.set_node(node("new"))
+    launches = cluster.plan()
+
+    assert node_names(launches) == ["new", "new"]
+    assert list(scheduler.rotation) == ["new", *order]
+
+
 def test_removed_node_pod_events_harmless() -> None:
     scheduler, _, cluster = make_scheduler(registry_images(REGISTRY, 2), [node("n1"), node("n2")])
     launches = cluster.plan()
