@@ -216,7 +216,9 @@ class Controller:
             settings.pod_deadline,
             settings.progress_interval,
         )
-        options = PinnerOptions(settings.namespace, helper_image, settings.priority_class, settings.host_network)
+        options = PinnerOptions(
+            settings.namespace, helper_image, settings.priority_class, settings.host_network, prepull=settings.prepull
+        )
         self.nodes = NodeStore(self.worker, self.pinner_platforms_changed)
         self.pinner = PinnerReconciler(
             kube, self.catalogue, lambda: list(self.nodes.nodes.values()), options, metrics, settings.pin_debounce

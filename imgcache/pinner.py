@@ -5,6 +5,12 @@ so a running pin keeps the image. There is one DaemonSet per node platform and n
 selector, each container visible in the template so Karpenter and the scheduler count it.
 Updates roll out with ``maxSurge`` and ``maxUnavailable: 0``: a node keeps its old pins
 until the new pod runs, so nothing is ever unpinned during a change.
+
+When the prepuller brings an image to every node that pins it, the pin's pull policy is
+``Never``. The pin then waits for the prepulled image instead of pulling it, because a
+pinner pod on each of a hundred new nodes would otherwise pull every image at once,
+outside the prepuller's registry rate limit. The kubelet retries a ``Never`` container
+about every 10 s, so the pin starts soon after its image arrives.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class PinnerOptions:
     priority_class: str | None
     host_network: bool
     max_surge: str = "25%"
+    # Whether imgcache prepulls; pins of prepulled images then never pull themselves.
+    prepull: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,20 @@ def group_images(catalogue: Catalogue, nodes: Iterable[Node]) -> dict[Group, lis
     return {group: sorted(images.values(), key=lambda i: i.hash) for group, images in groups.items()}
 
 
+def prepulled_on_group(image: CatalogueImage, group: Group) -> bool:
+    """Return whether some prepull declaration of ``image`` covers every node of ``group``."""
+    return any(
+        scope.prepull
+        and scope.allows_platform(group.os, group.arch)
+        and set(scope.node_selector) <= set(group.selector)
+        for scope in image.scopes
+    )
+
+
+def pull_policy(image: CatalogueImage, group: Group, options: PinnerOptions) -> str:
+    return "Never" if options.prepull and prepulled_on_group(image, group) else "IfNotPresent"
+
+
 def images_hash(images: list[CatalogueImage]) -> str:
     return hashlib.sha256("\n".join(str(i.resolved) for i in images).encode()).hexdigest()[:16]
 
@@ -115,7 +137,12 @@ def daemonset(group: Group, images: list[CatalogueImage], options: PinnerOptions
         "securityContext": pod_security(),
         "initContainers": [helper_init_container(options.helper_image)],
         "containers": [
-            image_container(f"pin-{image.hash}", str(image.resolved), [HELPER, "sleep", SLEEP_SECONDS])
+            image_container(
+                f"pin-{image.hash}",
+                str(image.resolved),
+                [HELPER, "sleep", SLEEP_SECONDS],
+                pull_policy(image, group, options),
+            )
             for image in images
         ],
         "volumes": [helper_volume()],

@@ -62,12 +62,12 @@ def helper_volume() -> JSON:
     return {"name": HELPER_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}}
 
 
-def image_container(name: str, image: str, command: list[str]) -> JSON:
+def image_container(name: str, image: str, command: list[str], pull_policy: str = "IfNotPresent") -> JSON:
     return {
         "name": name,
         "image": image,
-        # IfNotPresent even for :latest, so that a pin never pulls again by itself.
-        "imagePullPolicy": "IfNotPresent",
+        # IfNotPresent or Never even for :latest, so that a pin never pulls again by itself.
+        "imagePullPolicy": pull_policy,
         "command": command,
         "volumeMounts": [{"name": HELPER_VOLUME, "mountPath": HELPER_DIR, "readOnly": True}],
         "resources": _tiny_resources(),

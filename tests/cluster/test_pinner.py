@@ -10,7 +10,8 @@ from kubernetes_asyncio import client as k8s_client
 
 from cluster.helpers import addon_images, eventually, image_cache
 from imgcache.reference import parse
-from testbed.controller import NAMESPACE
+from testbed.controller import HELPER_IMAGE, NAMESPACE
+from testbed.kubelet import ImageProfile, RegistryProfile
 
 pytestmark = [pytest.mark.anyio, pytest.mark.cluster]
 
@@ -300,3 +301,35 @@ async def test_sigterm_exits_cleanly(start_controller):
     events = [e.get("event") for e in process.logs()]
     assert "controller.stopped" in events
     assert "task.failed" not in events
+
+
+async def test_pins_wait_for_prepulled_images(api_client, custom, namespace, nodes, kubelet, start_controller):
+    """With prepull on, pinner pods pull only the images that the prepuller leaves out."""
+    kubelet.set_registry("quay.io", RegistryProfile(images=ImageProfile(pull_seconds=0.5)))
+    prepulled = [f"quay.io/team/pinned{i}:v1" for i in range(4)]
+    pin_only = "quay.io/team/pin-only:v1"
+    await start_controller(*FAST, "--max-inflight-per-node=2")
+    entries = [{"image": i} for i in prepulled] + [{"image": pin_only, "prepull": False}]
+    await create_cache(custom, namespace, image_cache("pins", entries))
+    names = await nodes.create(3)
+    core = k8s_client.CoreV1Api(api_client)
+
+    async def pins_ready() -> bool:
+        pods = await core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/component=pinner")
+        ready = {
+            pod.spec.node_name
+            for pod in pods.items
+            if len(pod.status.container_statuses or []) == 5
+            and all(status.ready for status in pod.status.container_statuses)
+        }
+        return set(names) <= ready
+
+    await eventually(pins_ready, timeout=120)
+
+    pinner_pulls = [r for r in kubelet.pull_log if r.node in names and "/imgcache-pinner-" in r.pod]
+    prepull_pulls = [r for r in kubelet.pull_log if r.node in names and "/imgcache-prepull-" in r.pod]
+    assert sorted(r.image for r in pinner_pulls if r.image != HELPER_IMAGE) == sorted([str(parse(pin_only))] * 3)
+    assert sorted(r.image for r in prepull_pulls if r.image != HELPER_IMAGE) == sorted(
+        str(parse(i)) for i in prepulled for _ in names
+    )
+    assert kubelet.registry_requests["quay.io"].total == 3 * 5

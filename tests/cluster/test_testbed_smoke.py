@@ -531,6 +531,44 @@ async def test_never_policy_without_image(
     assert kubelet.registry_requests["registry.never.example"].total == 0
 
 
+async def test_never_policy_waits_without_blocking_later_containers(
+    api_client: k8s_client.ApiClient,
+    namespace: str,
+    nodes: NodeFactory,
+    kubelet: SimulatedKubelet,
+) -> None:
+    missing, present = "registry.never.example/late:1", "registry.never.example/early:1"
+    [node] = await nodes.create(1)
+    core = k8s_client.CoreV1Api(api_client)
+
+    async def states(name: str) -> list[Any]:
+        pod = await core.read_namespaced_pod(name, namespace)
+        return [status.state for status in pod.status.container_statuses or []]
+
+    async def finished(name: str, count: int) -> bool:
+        found = await states(name)
+        return len(found) == count and all(state.terminated is not None for state in found)
+
+    await core.create_namespaced_pod(namespace, pod_manifest("early", [present], node=node))
+    await wait_for(lambda: finished("early", 1), "the first image pulled")
+    await core.create_namespaced_pod(namespace, pod_manifest("pins", [missing, present], node=node, policy="Never"))
+
+    async def second_started_first_waiting() -> bool:
+        found = await states("pins")
+        return (
+            len(found) == 2
+            and found[0].waiting is not None
+            and found[0].waiting.reason == "ErrImageNeverPull"
+            and found[1].terminated is not None
+        )
+
+    await wait_for(second_started_first_waiting, "the present image's container started past the missing one")
+    await core.create_namespaced_pod(namespace, pod_manifest("late", [missing], node=node))
+    await wait_for(lambda: finished("pins", 2), "the missing image's container started once the image arrived")
+
+    assert kubelet.registry_requests["registry.never.example"].total == 2
+
+
 async def _waiting_with(check: Callable[[], Any], reason: str) -> Any:
     waiting = await check()
     return waiting if waiting is not None and waiting.reason == reason else None

@@ -1280,9 +1280,7 @@ class SimulatedKubelet:
                 for container in run.containers:
                     container.state = _waiting("ContainerCreating")
                 await self._send_status(run)
-            for container in run.containers:
-                await self._ensure_image(run, container)
-                self._start_container(run, container)
+            await self._start_main_containers(run)
             if run.restart_policy != "Always":
                 for sidecar in (c for c in run.init_containers if c.sidecar):
                     self._stop_container(sidecar, exit_code=0, reason="Completed")
@@ -1292,6 +1290,37 @@ class SimulatedKubelet:
                 await anyio.sleep_forever()
         if deadline.cancelled_caught:
             await self._fail_deadline(run)
+
+    async def _start_main_containers(self, run: _PodRun) -> None:
+        """Start the main containers in order, as the kubelet's SyncPod does.
+
+        A container with pull policy Never whose image is missing does not hold up the
+        containers after it: the kubelet reports ErrImageNeverPull, starts the others and
+        tries again at the pod's next sync, about ``backoff_initial`` seconds later.
+        """
+        pending = list(run.containers)
+        while pending:
+            missing = []
+            for container in pending:
+                if container.policy == "Never" and not self._present(run, container):
+                    self._never_pull(run, container)
+                    missing.append(container)
+                    continue
+                await self._ensure_image(run, container)
+                self._start_container(run, container)
+            if missing:
+                await self._send_status(run)
+                await anyio.sleep(self.config.backoff_initial * self.config.time_scale)
+            pending = missing
+
+    def _present(self, run: _PodRun, container: _Container) -> bool:
+        return container.ref is not None and container.ref.name in self._nodes[run.node].images
+
+    def _never_pull(self, run: _PodRun, container: _Container) -> None:
+        message = f'Container image "{container.image}" is not present with pull policy of Never'
+        self._event(run, container, "Warning", "ErrImageNeverPull", message)
+        self._event(run, container, "Warning", "Failed", "Error: ErrImageNeverPull")
+        container.state = _waiting("ErrImageNeverPull", message)
 
     async def _fail_deadline(self, run: _PodRun) -> None:
         """Kill the pod's containers and mark it Failed, as for an exceeded activeDeadlineSeconds."""
@@ -1404,10 +1433,7 @@ class SimulatedKubelet:
                 container.image_id = ref.image_id
                 return
             if container.policy == "Never":
-                message = f'Container image "{container.image}" is not present with pull policy of Never'
-                self._event(run, container, "Warning", "ErrImageNeverPull", message)
-                self._event(run, container, "Warning", "Failed", "Error: ErrImageNeverPull")
-                container.state = _waiting("ErrImageNeverPull", message)
+                self._never_pull(run, container)
                 await self._send_status(run)
                 await anyio.sleep(self.config.backoff_initial * scale)
                 continue

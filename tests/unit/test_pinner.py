@@ -237,6 +237,43 @@ def test_daemonset_container_per_image() -> None:
         assert container["volumeMounts"] == [{"name": "imgcache-helper", "mountPath": "/imgcache", "readOnly": True}]
 
 
+PREPULLING = PinnerOptions("imgcache-system", "helper:v1", None, host_network=True, prepull=True)
+
+
+def pull_policies(daemonset: JSON) -> dict[str, str]:
+    return {c["image"]: c["imagePullPolicy"] for c in pod_spec(daemonset)["containers"]}
+
+
+def test_pins_of_prepulled_images_never_pull() -> None:
+    catalogue = catalogue_of(
+        imagecache_json("base", ["nginx", {"image": "redis", "prepull": False}]),
+        imagecache_json("gpu", [{"image": "nvcr.io/nvidia/cuda:12.4", "pin": False}], node_selector={"pool": "gpu"}),
+        imagecache_json("gpu-pins", ["nvcr.io/nvidia/cuda:12.4"], node_selector={"pool": "gpu"}),
+    )
+    gpu_node = node("gpu-1", labels={"pool": "gpu"})
+
+    daemonsets = desired_daemonsets(catalogue, [AMD64, gpu_node], PREPULLING)
+    without_prepull = desired_daemonsets(catalogue, [AMD64, gpu_node], OPTIONS)
+
+    assert pull_policies(daemonsets["imgcache-pinner-linux-amd64"]) == {NGINX: "Never", REDIS: "IfNotPresent"}
+    (gpu_name,) = set(daemonsets) - {"imgcache-pinner-linux-amd64"}
+    assert pull_policies(daemonsets[gpu_name]) == {CUDA: "Never"}
+    assert {policy for ds in without_prepull.values() for policy in pull_policies(ds).values()} == {"IfNotPresent"}
+
+
+def test_pin_pulls_where_prepull_covers_fewer_nodes() -> None:
+    catalogue = catalogue_of(
+        imagecache_json("pins", [{"image": "nginx", "prepull": False}]),
+        imagecache_json("gpu", [{"image": "nginx", "pin": False}], node_selector={"pool": "gpu"}),
+        imagecache_json("arm", [{"image": "redis", "pin": False, "platforms": ["linux/arm64"]}]),
+        imagecache_json("pins-2", [{"image": "redis", "prepull": False}]),
+    )
+
+    policies = pull_policies(only_daemonset(catalogue, options=PREPULLING))
+
+    assert policies == {NGINX: "IfNotPresent", REDIS: "IfNotPresent"}
+
+
 def test_daemonset_uses_rewritten_image() -> None:
     rule = PullThroughRule("docker-hub", "registry-1.docker.io", "123456789012", "us-west-2")
     catalogue = Catalogue(Rewriter([rule]))
