@@ -75,7 +75,9 @@ class Node:
 
 def node_from_json(obj: JSON) -> Node:
     metadata = obj.get("metadata") or {}
-    labels = dict(metadata.get("labels") or {})
+    # Nodes repeat the same label keys and mostly the same values; parsed JSON gives each
+    # node its own copies, which at thousands of nodes outweigh the rest of a Node.
+    labels = {sys.intern(str(k)): sys.intern(str(v)) for k, v in (metadata.get("labels") or {}).items()}
     annotations = metadata.get("annotations") or {}
     status = obj.get("status") or {}
     info = status.get("nodeInfo") or {}
@@ -91,7 +93,7 @@ def node_from_json(obj: JSON) -> Node:
         if image_hash:
             failed[image_hash] = failure or "other"
     return Node(
-        name=str(metadata.get("name", "")),
+        name=sys.intern(str(metadata.get("name", ""))),
         uid=str(metadata.get("uid", "")),
         os=labels.get("kubernetes.io/os") or str(info.get("operatingSystem") or "linux"),
         arch=labels.get("kubernetes.io/arch") or str(info.get("architecture") or "amd64"),
