@@ -63,9 +63,10 @@ manifests: binaries ## Render the kustomize base and overlays into dist/manifest
 	@echo "rendered into dist/manifests/"
 
 .PHONY: image
-image: ## Build the container image (needs a Docker engine with buildx)
+image: ## Build the controller and helper images (needs a Docker engine with buildx)
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make image needs a running Docker engine; none was found" >&2; exit 1; }
 	docker buildx build --platform linux/amd64,linux/arm64 -t imgcache:dev .
+	docker buildx build --platform linux/amd64,linux/arm64 --target helper -t imgcache-helper:dev .
 
 .PHONY: clean
 clean: ## Stop any local cluster and remove build output (keeps the Go binaries)

@@ -221,8 +221,8 @@ def _render_warmup(add: Any, data: JSON) -> None:
         "The node "
         f"downloads {p['bandwidth'] / 1e6:.0f} MB/s, shared equally by its concurrent pulls; the kubelet pulls "
         "in parallel without a limit and backs off 10 s, doubling to 300 s, after a failed pull. imgcache "
-        "runs with its default flags, pinner included, and its own helper image (an estimated 70 MB) is not "
-        "counted in the bound.")
+        "runs with its default flags, pinner included; its helper image "
+        f"({p.get('helper_image_bytes', 70e6) / 1e6:.2f} MB) is not counted in the bound.")
     add("")
     add("Each strategy gets its own node and its own registry host with the same images and quota, so all of "
         "them run at the same time. The time is from the node's create request to the end of the last image's "

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from kubernetes_asyncio import client as k8s_client
 
-from benchmarks.catalog import MB, ImageSet, draw_sizes, image_pod, kubelet_config, lower_bound
+from benchmarks.catalog import HELPER_SIZE, MB, ImageSet, draw_sizes, image_pod, kubelet_config, lower_bound
 from benchmarks.cluster import BENCH_NAMESPACE, GROUP_LABEL, BenchCluster, poll
 from benchmarks.observe import first_present, registry_counts, requests_by_pod_kind, wait_present
 from testbed.controller import HELPER_IMAGE
@@ -159,6 +159,7 @@ async def run(cluster: BenchCluster, quick: bool) -> JSON:
             "total_bytes": sum(sizes),
             "strategies": {name: text.format(images=p.images) for name, text in STRATEGY_TEXT.items()},
             "imgcache_flags": "defaults",
+            "helper_image_bytes": HELPER_SIZE,
         },
         "bounds": {r.name: lower_bound(sum(sizes), p.bandwidth, p.images, r.qps, r.burst) for r in p.regimes},
         "results": results,

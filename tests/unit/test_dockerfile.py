@@ -267,7 +267,7 @@ def test_dockerignore_matcher() -> None:
 
 def test_dockerfile_parses(instructions: list[Instruction], stages: list[Stage]) -> None:
     assert instructions
-    assert [s.name for s in stages] == ["builder", "helpers", "runtime"]
+    assert [s.name for s in stages] == ["builder", "helpers", "helper", "runtime"]
 
 
 def test_base_images_pinned_by_digest(stages: list[Stage]) -> None:
@@ -276,6 +276,8 @@ def test_base_images_pinned_by_digest(stages: list[Stage]) -> None:
         if stage.base in names:
             earlier = {s.name for s in stages[: stage.index]}
             assert stage.base in earlier, f"stage {stage.name} builds on a later stage"
+            continue
+        if stage.base == "scratch":
             continue
         assert DIGEST_PINNED.search(stage.base), f"stage {stage.name}: {stage.base}"
         assert stage.base.startswith("python:3.11-slim"), stage.base
@@ -324,6 +326,18 @@ def test_builder_installs_locked(stages: list[Stage]) -> None:
 def test_helper_stage_installs_busybox_static(stages: list[Stage]) -> None:
     runs = " ".join(i.arguments for i in stage_by_name(stages, "helpers").find("RUN"))
     assert re.search(r"apt-get install .*\bbusybox-static\b", runs)
+
+
+def test_helper_image_holds_only_busybox(stages: list[Stage]) -> None:
+    helper = stage_by_name(stages, "helper")
+    copies = [parse_copy(i) for i in helper.find("COPY")]
+
+    assert helper.base == "scratch"
+    assert [(c.flags.get("from"), c.sources, c.destination) for c in copies] == [
+        ("helpers", ["/bin/busybox"], HELPER_PATH)
+    ]
+    assert not helper.find("RUN")
+    assert helper.find("USER")[-1].arguments == "65532:65532"
 
 
 def test_runtime_copies(runtime: Stage, stages: list[Stage]) -> None:

@@ -355,8 +355,20 @@ def test_deployment_command_and_env(deployment: Object) -> None:
     assert "command" not in container, "the image ENTRYPOINT is imgcache"
     assert container["args"][0] == "run"
     assert "--namespace=$(IMGCACHE_NAMESPACE)" in container["args"]
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
-    assert env == {"IMGCACHE_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
+    from_fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
+    values = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert from_fields == {"IMGCACHE_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
+    assert values == {"IMGCACHE_HELPER_IMAGE": "ghcr.io/imgcache/imgcache-helper:0.1.0"}
+
+
+def test_helper_image_matches_controller_version(deployment: Object) -> None:
+    container = controller_container(deployment)
+    helper = next(e["value"] for e in container["env"] if e["name"] == "IMGCACHE_HELPER_IMAGE")
+    controller_repository, _, controller_tag = container["image"].rpartition(":")
+    helper_repository, _, helper_tag = helper.rpartition(":")
+
+    assert helper_repository == f"{controller_repository}-helper"
+    assert helper_tag == controller_tag
 
 
 @pytest.mark.parametrize("variant", ["root", "aws", "cluster-events"])
