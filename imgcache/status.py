@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import anyio
 import structlog
 
-from imgcache.catalogue import Catalogue, SourceReport
+from imgcache.catalogue import Catalogue, CatalogueImage, SourceReport
 from imgcache.classify import FailureClass, hint
 from imgcache.kube import EVENTS, IMAGECACHES, ApiError, Kube
 from imgcache.model import JSON
@@ -41,14 +41,28 @@ def image_counts(scheduler: Scheduler) -> dict[str, ImageCounts]:
     cached: Counter[str] = Counter()
     pending: Counter[str] = Counter()
     failed: Counter[str] = Counter()
+    # Warm nodes share one image list and one done set, so nodes are counted per distinct
+    # pair: at thousands of nodes that is a handful of passes instead of one per node.
+    shared: Counter[tuple[int, int]] = Counter()
+    pairs: dict[tuple[int, int], tuple[list[CatalogueImage], frozenset[str]]] = {}
     for state in scheduler.nodes.values():
-        for image in scheduler.applicable(state):
-            if image.hash in state.done:
-                cached[image.hash] += 1
-            elif image.hash in state.failed:
-                failed[image.hash] += 1
-            else:
-                pending[image.hash] += 1
+        images = scheduler.applicable(state)
+        if state.failed:
+            for image in images:
+                if image.hash in state.done:
+                    cached[image.hash] += 1
+                elif image.hash in state.failed:
+                    failed[image.hash] += 1
+                else:
+                    pending[image.hash] += 1
+            continue
+        key = (id(images), id(state.done))
+        shared[key] += 1
+        pairs[key] = (images, state.done)
+    for key, nodes in shared.items():
+        images, done = pairs[key]
+        for image in images:
+            (cached if image.hash in done else pending)[image.hash] += nodes
     hashes = set(cached) | set(pending) | set(failed)
     return {h: ImageCounts(cached[h], pending[h], failed[h]) for h in hashes}
 

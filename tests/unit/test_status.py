@@ -217,6 +217,30 @@ def test_image_counts() -> None:
     }
 
 
+def test_image_counts_nodes_sharing_sets() -> None:
+    catalogue = catalogue_of(
+        imagecache_json("web", ["nginx", "redis"]), imagecache_json("gpu", ["cuda"], node_selector={"pool": "gpu"})
+    )
+    nginx = image_named(catalogue, NGINX).hash
+    redis = image_named(catalogue, REDIS).hash
+    cuda = image_named(catalogue, "docker.io/library/cuda:latest").hash
+    scheduler, _ = scheduler_for(catalogue)
+    for index in range(5):
+        scheduler.set_node(node(f"warm-{index}", done=[nginx, redis]))
+    for index in range(3):
+        scheduler.set_node(node(f"gpu-{index}", labels={"pool": "gpu"}, done=[nginx, redis]))
+    scheduler.set_node(node("half", done=[nginx]))
+    scheduler.set_node(node("broken", labels={"pool": "gpu"}, failed={cuda: "not_found"}))
+
+    counts = image_counts(scheduler)
+
+    assert counts == {
+        nginx: ImageCounts(cached=9, pending=1, failed=0),
+        redis: ImageCounts(cached=8, pending=2, failed=0),
+        cuda: ImageCounts(cached=0, pending=3, failed=1),
+    }
+
+
 def test_image_counts_only_matching_nodes() -> None:
     catalogue = catalogue_of(imagecache_json("web", ["nginx"], node_selector={"pool": "gpu"}))
     nginx = image_named(catalogue, NGINX).hash
