@@ -54,6 +54,10 @@ log = structlog.get_logger(__name__)
 
 # API requests the worker keeps in flight at once.
 _API_CONCURRENCY = 16
+# Seconds between two searches for pods past their deadline. Each search walks every
+# prepull pod, and during a burst of creates every pod event wakes the run loop, so a
+# search on each wake-up costs CPU time that grows with the square of the pod count.
+_EXPIRY_CHECK_INTERVAL = 1.0
 
 
 def prepull_pod(launch: Launch, namespace: str, helper_image: str, host_network: bool, deadline: int) -> JSON:
@@ -158,6 +162,7 @@ class PrepullWorker:
         self._limiter = anyio.CapacityLimiter(_API_CONCURRENCY)
         self._forbidden_logged: set[str] = set()
         self._group: anyio.abc.TaskGroup | None = None
+        self._next_expiry_check = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -217,9 +222,11 @@ class PrepullWorker:
                 for launch in launches:
                     group.start_soon(self._create, launch)
                 self._delete_all(self.scheduler.orphans())
-                for delete in self.scheduler.expired_pods():
-                    self.metrics.prepull_pods.labels(outcome="deadline_exceeded").inc()
-                    group.start_soon(self._delete_pod, delete)
+                if time.monotonic() >= self._next_expiry_check:
+                    self._next_expiry_check = time.monotonic() + _EXPIRY_CHECK_INTERVAL
+                    for delete in self.scheduler.expired_pods():
+                        self.metrics.prepull_pods.labels(outcome="deadline_exceeded").inc()
+                        group.start_soon(self._delete_pod, delete)
                 self._update_gauges()
                 timeout = min(wake_in if wake_in is not None else self.progress_interval, self.progress_interval)
                 with anyio.move_on_after(max(timeout, 0.01)):
