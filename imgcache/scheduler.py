@@ -157,7 +157,11 @@ class Scheduler:
         self.nodes: dict[str, NodeState] = {}
         self.pods: dict[str, Pod] = {}
         self.buckets: dict[str, AdaptiveBucket] = {}
+        # Nodes that may have work, in turn order. A node leaves when plan() finds it idle
+        # and comes back through _activate(), so planning costs nothing for warm nodes.
         self.rotation: deque[str] = deque()
+        self._rotating: set[str] = set()
+        self._rotation_version = catalogue.version
         self.inflight = 0
         self.quota_caps: dict[str, float] = {}
         self.last_queue_depth = 0
@@ -181,12 +185,12 @@ class Scheduler:
             state = NodeState(node=node, key=node_key(node), done=node.done, failed=dict(node.failed))
             self.nodes[node.name] = state
             # A new node goes to the front: it has had no share of the slots yet.
-            self.rotation.appendleft(node.name)
+            self._activate(state, front=True)
         else:
             if (node.labels, node.os, node.arch) != (state.node.labels, state.node.os, state.node.arch):
                 state.applicable_version = -1
             state.node = node
-            state.idle_version = -1
+            self._activate(state)
             # Annotations written by an earlier leader are merged, never dropped.
             if node.done >= state.done:
                 state.done = node.done
@@ -202,11 +206,25 @@ class Scheduler:
         if state is None:
             return []
         self.inflight -= len(state.inflight)
-        self.rotation = deque(n for n in self.rotation if n != name)
+        if name in self._rotating:
+            self._rotating.discard(name)
+            self.rotation = deque(n for n in self.rotation if n != name)
         return [
             DeletePod(p, "node_deleted")
             for p in list(state.inflight.values()) + sorted(pod_name(state.key, h) for h in state.succeeded)
         ]
+
+    def _activate(self, state: NodeState, front: bool = False) -> None:
+        """Make plan() look at the node again: something may have given it work."""
+        state.idle_version = -1
+        name = state.node.name
+        if name in self._rotating:
+            return
+        self._rotating.add(name)
+        if front:
+            self.rotation.appendleft(name)
+        else:
+            self.rotation.append(name)
 
     def applicable(self, state: NodeState) -> list[CatalogueImage]:
         version = self.catalogue.version
@@ -273,21 +291,25 @@ class Scheduler:
         launches: list[Launch] = []
         wake: float | None = None
         version = self.catalogue.version
+        if version != self._rotation_version:
+            # A catalogue change can give any node new images.
+            self._rotation_version = version
+            for state in self.nodes.values():
+                self._activate(state)
         queues: dict[str, list[CatalogueImage]] = {}
         for name in self.rotation:
             state = self.nodes[name]
-            if state.idle_version == version:
-                queues[name] = []
-                continue
             queues[name] = self._waiting(state, now)
-            if not queues[name] and not state.inflight and not state.retry_at:
+            # Pods in flight need no turns: a failure, retry or deletion brings the node
+            # back through _activate().
+            if not queues[name] and not state.retry_at:
                 state.idle_version = version
         self.last_queue_depth = sum(len(queue) for queue in queues.values())
-        # Only nodes with something to start take turns; in a large, mostly warm cluster
-        # that is a handful of the thousands in the rotation. The others keep their order
-        # behind them.
+        # Nodes with something to start now take turns; the ones waiting for retries keep
+        # their order behind them, and idle ones leave the rotation.
         active = deque(name for name in self.rotation if queues[name])
-        idle = [name for name in self.rotation if not queues[name]]
+        waiting = [name for name in self.rotation if not queues[name] and self.nodes[name].idle_version != version]
+        self._rotating = set(active) | set(waiting)
         progressed = True
         while progressed and self.inflight < self.limits.max_inflight:
             progressed = False
@@ -307,10 +329,10 @@ class Scheduler:
                 if launch is not None:
                     launches.append(launch)
                     progressed = True
-        active.extend(idle)
+        active.extend(waiting)
         self.rotation = active
-        for state in self.nodes.values():
-            for at in state.retry_at.values():
+        for name in self.rotation:
+            for at in self.nodes[name].retry_at.values():
                 if at > now:
                     wake = at - now if wake is None else min(wake, at - now)
         return launches, wake
@@ -340,7 +362,7 @@ class Scheduler:
         del state.inflight[launch.image.hash]
         self.inflight -= 1
         state.retry_at[launch.image.hash] = self.clock() + retry_after
-        state.idle_version = -1
+        self._activate(state)
 
     # -- pods --------------------------------------------------------------
 
@@ -405,7 +427,7 @@ class Scheduler:
             # Deleted by someone else before it finished: run it again.
             del state.inflight[pod.image_hash]
             self.inflight -= 1
-            state.idle_version = -1
+            self._activate(state)
 
     def expired_pods(self) -> list[DeletePod]:
         """Return pods running longer than the pod deadline; they are retried."""
@@ -520,7 +542,7 @@ class Scheduler:
             ceiling = min(self.limits.retry_max, self.limits.retry_initial * 2 ** (attempts - 1))
             delay = self.rng.uniform(ceiling / 2, ceiling)
         state.retry_at[image_hash] = now + delay
-        state.idle_version = -1
+        self._activate(state)
 
 
 def _pulled(pod: Pod) -> bool:

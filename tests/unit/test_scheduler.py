@@ -681,19 +681,26 @@ def test_warm_nodes_share_one_done_set() -> None:
     assert scheduler.nodes["cold"].done == frozenset()
 
 
-def test_plan_skips_idle_nodes_and_keeps_their_order() -> None:
-    scheduler, _, cluster = make_scheduler(registry_images(REGISTRY, 2), max_inflight_per_node=2)
+def test_idle_nodes_leave_rotation_until_work_returns() -> None:
+    scheduler, _, cluster = make_scheduler(registry_images(REGISTRY, 2), max_inflight=200, max_inflight_per_node=2)
     all_hashes = sorted(scheduler.catalogue.images)
     for index in range(50):
         scheduler.set_node(node(f"warm-{index}", done=all_hashes))
     assert cluster.plan() == []
-    order = list(scheduler.rotation)
+    assert list(scheduler.rotation) == []
 
     scheduler.set_node(node("new"))
-    launches = cluster.plan()
+    first = cluster.plan()
+    rotation_after_first = list(scheduler.rotation)
+    images = [*registry_images(REGISTRY, 2), f"{REGISTRY}/added:v1"]
+    scheduler.catalogue.upsert(imagecache_json("images", images, namespace="platform", generation=2))
+    second = cluster.plan()
 
-    assert node_names(launches) == ["new", "new"]
-    assert list(scheduler.rotation) == ["new", *order]
+    assert node_names(first) == ["new", "new"]
+    assert rotation_after_first == ["new"]
+    # "new" has both of its slots taken, so only the warm nodes start the added image.
+    assert sorted(node_names(second)) == sorted(f"warm-{index}" for index in range(50))
+    assert {launch.image.resolved.repository for launch in second} == {"added"}
 
 
 def test_removed_node_pod_events_harmless() -> None:
