@@ -1,7 +1,7 @@
 """Minimal Kubernetes clients written with aiohttp alone, the baselines of scenario 3.
 
-``python -m benchmarks.bare watch-create`` watches nodes and creates one pod per new
-node. ``python -m benchmarks.bare create`` creates a fixed number of pods with a fixed
+``python -m benchmarks.bare watch-create`` watches nodes and creates a fixed number of
+pods for each new node at once. ``python -m benchmarks.bare create`` creates a fixed number of pods with a fixed
 number of requests in flight and prints its timing as JSON. Both authenticate with the
 token of imgcache's ServiceAccount and send the same shape of pod that imgcache sends,
 so each does the least work that imgcache's job needs.
@@ -87,7 +87,7 @@ def pod_body(name: str, node: str, node_uid: str, image: str, helper_image: str)
 
 
 async def watch_create(args: argparse.Namespace) -> None:
-    """Create one pod for every node that joins, until SIGTERM."""
+    """Create ``--per-node`` pods at once for every node that joins, until SIGTERM."""
     client = Client(args.kubeconfig, pool=16)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -118,10 +118,12 @@ async def _read_events(response: aiohttp.ClientResponse, client: Client, args: a
         if event["type"] != "ADDED":
             continue
         meta = event["object"]["metadata"]
-        body = pod_body(f"bare-{meta['name']}", meta["name"], meta["uid"], args.image, args.helper_image)
-        task = asyncio.ensure_future(client.create_pod(args.namespace, body))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        for index in range(args.per_node):
+            body = pod_body(f"bare-{meta['name']}-{index:03d}", meta["name"], meta["uid"], f"{args.image}-{index:03d}",
+                            args.helper_image)
+            task = asyncio.ensure_future(client.create_pod(args.namespace, body))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
 
 async def create(args: argparse.Namespace) -> None:
@@ -157,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default="bare.registry.bench/bench/image:v1", help="image of the pods")
     parser.add_argument("--helper-image", default="ghcr.io/imgcache/imgcache:0.1.0", help="init container image")
     commands = parser.add_subparsers(dest="command", required=True)
-    watch = commands.add_parser("watch-create", help="create one pod per node that joins")
+    watch = commands.add_parser("watch-create", help="create pods for each node that joins")
     watch.add_argument("--selector", required=True, help="label selector of the nodes to react to")
+    watch.add_argument("--per-node", type=int, default=1, help="pods created at once per node (default 1)")
     burst = commands.add_parser("create", help="create pods for a list of nodes and print the timing")
     burst.add_argument("--nodes", type=Path, required=True, help="JSON file: list of {name, uid}")
     burst.add_argument("--per-node", type=int, required=True, help="pods per node")

@@ -330,14 +330,17 @@ def _render_cost(add: Any, data: JSON) -> None:
         "`benchmarks/bare.py`: plain aiohttp, the token of imgcache's ServiceAccount, and pods of the same "
         f"shape as imgcache's. imgcache flags: `{' '.join(p['imgcache_flags'])}`, so no cap limits it.")
     add("")
-    add(f"- Reaction latency, node created to first prepull pod created, {p['latency_samples']} nodes each: "
+    add(f"- Reaction latency, node created to first prepull pod created, {p['latency_samples']} nodes each, "
+        f"{p['latency_images']} pods per node created at once by both: "
         f"imgcache median {medians['imgcache'] * 1000:.1f} ms, bare watch-create loop "
         f"{medians['bare'] * 1000:.1f} ms, ratio {data['reaction_latency_ratio']:.2f}.")
     add(f"- Pod creation, {p['throughput_nodes']} nodes x {p['throughput_images']} images = "
         f"{p['throughput_nodes'] * p['throughput_images']} pods, {p['concurrency']} requests in flight (imgcache's "
         f"fixed API concurrency), median of {p['throughput_rounds']} rounds: imgcache "
         f"{rates['imgcache']:.0f} pods/s, bare create loop {rates['bare']:.0f} pods/s, ratio "
-        f"{data['create_throughput_ratio']:.2f}. Rates are from the first to the last pod's ADDED event.")
+        f"{data['create_throughput_ratio']:.2f}. Rates are from the first to the last pod's ADDED event. "
+        "Both sides start with their nodes in place: imgcache gets all its pods from one new ImageCache "
+        "that selects the round's nodes, the bare loop from a list of them.")
     if "client_round_trip_median" in data:
         trips = data["client_round_trip_median"]
         add(f"- One pod create at a time, the same body, server and token: imgcache's API client "
