@@ -35,6 +35,7 @@ from imgcache.model import (
     Pod,
     node_from_json,
     pod_from_json,
+    slim_node,
 )
 from imgcache.pinner import PINNER_COMPONENT, PinnerOptions
 from imgcache.pinning import PinnerReconciler
@@ -237,7 +238,7 @@ class Controller:
 
         self.reflectors: dict[str, Reflector] = {
             "watch.imagecaches": reflector(resource=IMAGECACHES, handler=CatalogueHandler(self.catalogue, self.status)),
-            "watch.nodes": reflector(resource=NODES, handler=self.nodes),
+            "watch.nodes": reflector(resource=NODES, handler=self.nodes, slim=slim_node),
             "watch.pods": reflector(
                 resource=PODS,
                 handler=PodStore(self.worker),

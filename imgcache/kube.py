@@ -303,8 +303,13 @@ class Kube:
         label_selector: str | None = None,
         field_selector: str | None = None,
         page_size: int = 500,
+        transform: Callable[[JSON], JSON] | None = None,
     ) -> tuple[JSONList, str]:
-        """List every object, page by page; return the items and the list's resourceVersion."""
+        """List every object, page by page; return the items and the list's resourceVersion.
+
+        ``transform`` is applied to each page's items as the page arrives, so that only
+        one page of whole objects is held at a time.
+        """
         items: JSONList = []
         continue_token: str | None = None
         while True:
@@ -319,7 +324,8 @@ class Kube:
                     "continue": continue_token,
                 },
             )
-            items.extend(page.get("items") or [])
+            page_items = page.get("items") or []
+            items.extend(page_items if transform is None else map(transform, page_items))
             metadata = page.get("metadata") or {}
             continue_token = metadata.get("continue")
             if not continue_token:

@@ -73,6 +73,31 @@ class Node:
         return any(taint.key == key for taint in self.taints)
 
 
+def slim_node(obj: JSON) -> JSON:
+    """Return the parts of a Node object that ``node_from_json`` and the node watch read.
+
+    A listed Node carries managed fields, addresses, capacity and up to 50 image entries.
+    Dropping them page by page keeps a relist of thousands of nodes from holding every
+    whole object in memory at once.
+    """
+    metadata = obj.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    status = obj.get("status") or {}
+    info = status.get("nodeInfo") or {}
+    kept = {k: metadata[k] for k in ("name", "uid", "resourceVersion", "creationTimestamp", "labels") if k in metadata}
+    return {
+        "metadata": {
+            **kept,
+            "annotations": {k: v for k, v in annotations.items() if k in (DONE_ANNOTATION, FAILED_ANNOTATION)},
+        },
+        "spec": {"taints": (obj.get("spec") or {}).get("taints") or []},
+        "status": {
+            "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "Ready"],
+            "nodeInfo": {k: info[k] for k in ("operatingSystem", "architecture") if k in info},
+        },
+    }
+
+
 def node_from_json(obj: JSON) -> Node:
     metadata = obj.get("metadata") or {}
     # Nodes repeat the same label keys and mostly the same values; parsed JSON gives each

@@ -53,6 +53,8 @@ class Reflector:
     settings: WatchSettings = field(default_factory=WatchSettings)
     on_restart: Callable[[str, str], None] | None = None
     on_synced: Callable[[], None] | None = None
+    # Reduces each listed object to what the handler reads; see Kube.list.
+    slim: Callable[[JSON], JSON] | None = None
     resource_version: str = ""
     synced: bool = False
     _failures: int = 0
@@ -106,6 +108,7 @@ class Reflector:
             self.namespace,
             label_selector=self.label_selector,
             field_selector=self.field_selector,
+            transform=self.slim,
         )
         self.handler.replace(items)
         self.resource_version = resource_version

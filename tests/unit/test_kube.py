@@ -147,6 +147,29 @@ async def test_list_encodes_selector_and_pages(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_list_transforms_each_page(tmp_path: Path) -> None:
+    endpoint = Endpoint(
+        replies=[
+            (200, {"items": [{"metadata": {"name": "a"}, "big": 1}], "metadata": {"continue": "2"}}),
+            (200, {"items": [{"metadata": {"name": "b"}, "big": 2}], "metadata": {"resourceVersion": "9"}}),
+        ]
+    )
+    # Each item with the number of requests sent when it was transformed.
+    seen: list[tuple[str, int]] = []
+
+    def name_only(obj: dict[str, Any]) -> dict[str, Any]:
+        seen.append((obj["metadata"]["name"], len(endpoint.received)))
+        return {"metadata": obj["metadata"]}
+
+    async with connected(endpoint, tmp_path) as kube:
+        items, version = await kube.list(NODES, page_size=1, transform=name_only)
+
+    assert items == [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]
+    assert seen == [("a", 1), ("b", 2)]
+    assert version == "9"
+
+
+@pytest.mark.anyio
 async def test_merge_patch_content_type(tmp_path: Path) -> None:
     endpoint = Endpoint()
     patch = {"metadata": {"annotations": {"a": "1", "b": None}}}

@@ -7,11 +7,13 @@ import pytest
 from imgcache.model import (
     DONE_ANNOTATION,
     FAILED_ANNOTATION,
+    JSON,
     NODE_NAME_ANNOTATION,
     Taint,
     node_from_json,
     parse_time,
     pod_from_json,
+    slim_node,
 )
 from unit.factories import EPOCH, node_json, pod_in_state, rfc3339
 
@@ -104,6 +106,44 @@ def test_node_done_annotation_skips_empty_items() -> None:
     obj["metadata"]["annotations"][DONE_ANNOTATION] = "h1,,h2,"
 
     assert node_from_json(obj).done == frozenset({"h1", "h2"})
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        pytest.param(
+            node_json("n1", arch="arm64", labels={"pool": "gpu"}, done=["h1", "h2"], failed={"h3": "not_found"},
+                      taints=[{"key": "imgcache.io/warming", "value": "true", "effect": "NoSchedule"}]),
+            id="full",
+        ),
+        pytest.param(node_json("n2", ready=False), id="not-ready"),
+        pytest.param({"metadata": {"name": "bare"}}, id="bare"),
+        pytest.param({}, id="empty"),
+    ],
+)
+def test_slim_node_parses_the_same(obj: JSON) -> None:
+    whole = {
+        **obj,
+        "metadata": {
+            **obj.get("metadata", {}),
+            "resourceVersion": "77",
+            "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}],
+            "annotations": {**obj.get("metadata", {}).get("annotations", {}), "other.io/note": "x" * 100},
+        },
+        "status": {
+            **obj.get("status", {}),
+            "images": [{"names": [f"registry.example/app{i}:v1"], "sizeBytes": 1000} for i in range(50)],
+            "capacity": {"cpu": "2", "memory": "8Gi"},
+        },
+    }
+
+    slim = slim_node(whole)
+
+    assert node_from_json(slim) == node_from_json(whole)
+    assert slim["metadata"]["resourceVersion"] == "77"
+    assert "images" not in slim["status"]
+    assert "managedFields" not in slim["metadata"]
+    assert "other.io/note" not in slim["metadata"]["annotations"]
 
 
 def test_pod_fields() -> None:
