@@ -84,10 +84,10 @@ def slim_node(obj: JSON) -> JSON:
     annotations = metadata.get("annotations") or {}
     status = obj.get("status") or {}
     info = status.get("nodeInfo") or {}
-    kept = {k: metadata[k] for k in ("name", "uid", "resourceVersion", "creationTimestamp", "labels") if k in metadata}
+    read = ("name", "uid", "resourceVersion", "creationTimestamp", "labels")
     return {
         "metadata": {
-            **kept,
+            **{k: metadata[k] for k in read if k in metadata},
             "annotations": {k: v for k, v in annotations.items() if k in (DONE_ANNOTATION, FAILED_ANNOTATION)},
         },
         "spec": {"taints": (obj.get("spec") or {}).get("taints") or []},
