@@ -124,7 +124,7 @@ class NodeState:
     resource_version: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Progress:
     """Counts for one node's progress annotation."""
 
@@ -162,6 +162,10 @@ class Scheduler:
         self.rotation: deque[str] = deque()
         self._rotating: set[str] = set()
         self._rotation_version = catalogue.version
+        # Progress of nodes with no failures and nothing in flight, by the identity of
+        # their shared image list and done set; each entry keeps both alive, so an id
+        # cannot be reused while its entry exists.
+        self._progress_memo: dict[tuple[int, int], tuple[list[CatalogueImage], frozenset[str], Progress]] = {}
         self.inflight = 0
         self.quota_caps: dict[str, float] = {}
         self.last_queue_depth = 0
@@ -234,7 +238,21 @@ class Scheduler:
         return state.applicable_images
 
     def progress(self, state: NodeState) -> Progress:
-        hashes = {image.hash for image in self.applicable(state)}
+        images = self.applicable(state)
+        if state.failed or state.inflight:
+            return self._progress(state, images)
+        key = (id(images), id(state.done))
+        memo = self._progress_memo.get(key)
+        if memo is not None and memo[0] is images and memo[1] is state.done:
+            return memo[2]
+        progress = self._progress(state, images)
+        if len(self._progress_memo) >= 256:
+            self._progress_memo.clear()
+        self._progress_memo[key] = (images, state.done, progress)
+        return progress
+
+    def _progress(self, state: NodeState, images: list[CatalogueImage]) -> Progress:
+        hashes = {image.hash for image in images}
         done = len(hashes & state.done)
         failed = len(hashes & set(state.failed))
         inflight = len(hashes & set(state.inflight))

@@ -17,7 +17,7 @@ import pytest
 from imgcache.catalogue import Catalogue
 from imgcache.classify import FailureClass
 from imgcache.model import Node, Pod, pod_from_json
-from imgcache.scheduler import DeletePod, Failure, Launch, NodeState, Scheduler, node_key, pod_name
+from imgcache.scheduler import DeletePod, Failure, Launch, NodeState, Progress, Scheduler, node_key, pod_name
 from unit.factories import (
     EPOCH,
     FakeClock,
@@ -701,6 +701,24 @@ def test_idle_nodes_leave_rotation_until_work_returns() -> None:
     # "new" has both of its slots taken, so only the warm nodes start the added image.
     assert sorted(node_names(second)) == sorted(f"warm-{index}" for index in range(50))
     assert {launch.image.resolved.repository for launch in second} == {"added"}
+
+
+def test_progress_of_warm_nodes_follows_catalogue() -> None:
+    scheduler, _, _ = make_scheduler(registry_images(REGISTRY, 2))
+    all_hashes = sorted(scheduler.catalogue.images)
+    scheduler.set_node(node("warm-1", done=all_hashes))
+    scheduler.set_node(node("warm-2", done=all_hashes))
+    scheduler.set_node(node("half", done=all_hashes[:1]))
+    before = {name: scheduler.progress(state) for name, state in scheduler.nodes.items()}
+
+    images = [*registry_images(REGISTRY, 2), f"{REGISTRY}/added:v1"]
+    scheduler.catalogue.upsert(imagecache_json("images", images, namespace="platform", generation=2))
+    after = {name: scheduler.progress(state) for name, state in scheduler.nodes.items()}
+
+    assert before["warm-1"] == before["warm-2"] == Progress(done=2, pending=0, failed=0, inflight=0)
+    assert before["half"] == Progress(done=1, pending=1, failed=0, inflight=0)
+    assert after["warm-2"] == Progress(done=2, pending=1, failed=0, inflight=0)
+    assert after["half"] == Progress(done=1, pending=2, failed=0, inflight=0)
 
 
 def test_removed_node_pod_events_harmless() -> None:
