@@ -7,6 +7,9 @@ import datetime
 import json
 import logging
 import os
+import subprocess
+import sys
+import sysconfig
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -61,6 +64,7 @@ async def _run(args: argparse.Namespace, run_dir: Path) -> JSON:
         "errors": {},
     }
     try:
+        results["bytecode"] = await anyio.to_thread.run_sync(compile_bytecode)
         log.info("starting control plane in %s", cluster.plane.directory)
         await anyio.to_thread.run_sync(cluster.up)
         results["machine"].update(cluster.versions())
@@ -90,6 +94,19 @@ async def _run(args: argparse.Namespace, run_dir: Path) -> JSON:
         results["controller_revisions"] = cluster.revisions
         results["wall_seconds"] = round(time.monotonic() - started, 1)
     return results
+
+
+def compile_bytecode() -> str:
+    """Compile the Python files that controllers import, as the container image does.
+
+    The image is built with UV_COMPILE_BYTECODE=1. Without .pyc files, and with
+    PYTHONDONTWRITEBYTECODE set as on this machine, each controller compiles every
+    module it imports at start, which costs seconds and about 30 MiB more RSS than in
+    a real deployment.
+    """
+    paths = [sysconfig.get_paths()["purelib"], str(REPO / "imgcache")]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *paths], check=True, stdout=subprocess.DEVNULL)
+    return "compiled before the run (compileall), as in the container image"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,6 +163,8 @@ def render(results: JSON, images: list[str]) -> str:
     add(f"- Machine: {machine['cores']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB memory, "
         f"Linux {machine['kernel']}, Python {machine['python']}, Kubernetes {machine.get('kubernetes')}, "
         f"kwok {', '.join(machine.get('kwok') or []) or 'unknown'}.")
+    if results.get("bytecode"):
+        add(f"- Python bytecode: {results['bytecode']}.")
     revision = results["revision"]
     changed = revision["imgcache_uncommitted"]
     add(f"- imgcache at commit `{revision['commit'][:12]}`"
