@@ -1317,6 +1317,11 @@ class SimulatedKubelet:
         return container.ref is not None and container.ref.name in self._nodes[run.node].images
 
     def _never_pull(self, run: _PodRun, container: _Container) -> None:
+        if container.state.get("waiting", {}).get("reason") == "ErrImageNeverPull":
+            # The kubelet reports this again at every sync, but client-go's event spam
+            # filter lets through 25 Events per object and then one per 5 minutes, so a
+            # pod with many such containers sends few; a repeat is not written here.
+            return
         message = f'Container image "{container.image}" is not present with pull policy of Never'
         self._event(run, container, "Warning", "ErrImageNeverPull", message)
         self._event(run, container, "Warning", "Failed", "Error: ErrImageNeverPull")
