@@ -328,6 +328,7 @@ class Scheduler:
         active = deque(name for name in self.rotation if queues[name])
         waiting = [name for name in self.rotation if not queues[name] and self.nodes[name].idle_version != version]
         self._rotating = set(active) | set(waiting)
+        empty: dict[str, float] = {}
         progressed = True
         while progressed and self.inflight < self.limits.max_inflight:
             progressed = False
@@ -341,7 +342,7 @@ class Scheduler:
                 state = self.nodes[name]
                 if len(state.inflight) >= self.limits.max_inflight_per_node:
                     continue
-                launch, retry_in = self._take(state, queues[name], now)
+                launch, retry_in = self._take(state, queues[name], now, empty)
                 if retry_in is not None:
                     wake = retry_in if wake is None else min(wake, retry_in)
                 if launch is not None:
@@ -355,12 +356,25 @@ class Scheduler:
                     wake = at - now if wake is None else min(wake, at - now)
         return launches, wake
 
-    def _take(self, state: NodeState, queue: list[CatalogueImage], now: float) -> tuple[Launch | None, float | None]:
+    def _take(
+        self, state: NodeState, queue: list[CatalogueImage], now: float, empty: dict[str, float]
+    ) -> tuple[Launch | None, float | None]:
+        """Start the node's first queued image whose registry has a token.
+
+        ``empty`` maps registries whose bucket ran dry during this plan() to their wait;
+        the clock stands still within a plan, so they are not asked again.
+        """
         retry_in: float | None = None
         for index, image in enumerate(queue):
-            bucket = self.bucket(image.resolved.registry)
-            if not bucket.try_acquire(now):
-                wait = bucket.wait_time(now)
+            registry = image.resolved.registry
+            wait = empty.get(registry)
+            if wait is None:
+                bucket = self.bucket(registry)
+                if bucket.try_acquire(now):
+                    wait = -1.0
+                else:
+                    wait = empty[registry] = bucket.wait_time(now)
+            if wait >= 0:
                 retry_in = wait if retry_in is None else min(retry_in, wait)
                 continue
             queue.pop(index)
