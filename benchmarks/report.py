@@ -303,10 +303,15 @@ def _render_burst(add: Any, data: JSON) -> None:
         kinds = mine["requests_by_pod_kind"]
         pinner = kinds.get("imgcache pinner pods", 0)
         total = sum(kinds.values())
-        add(f"In the imgcache run, the pinner's DaemonSet pods sent {pinner} of the {total} registry requests "
-            f"({pinner / total * 100 if total else 0:.0f} %). Those pods start on every new node at once and pull "
-            "the same images one after another, outside imgcache's token bucket, so their throttled pulls back "
-            "off with the kubelet's 10 s to 300 s delays.")
+        share = f"{pinner} of the {total} registry requests ({pinner / total * 100 if total else 0:.0f} %)"
+        if pinner:
+            add(f"In the imgcache run, the pinner's DaemonSet pods sent {share}. Those pods start on every new "
+                "node at once and pull outside imgcache's token bucket, so their throttled pulls back off with the "
+                "kubelet's 10 s to 300 s delays.")
+        else:
+            add(f"In the imgcache run, the pinner's DaemonSet pods sent {share}: their pins of prepulled images "
+                "have pull policy Never and wait for the prepull pods, so every pull went through imgcache's "
+                "token bucket.")
     if "prepull-only" in data["runs"]:
         add("")
         add("`prepull-only` is imgcache with `--pinner=false`. It is not a goal; it separates the prepull "
