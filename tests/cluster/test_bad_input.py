@@ -785,37 +785,3 @@ async def test_rbac_status_patch_needed(api_client, cluster, custom, namespace, 
         cache = await read_cache(custom, namespace, "status")
     assert lines
     assert "status" not in cache
-
-
-UNUSED = (
-    clusterrole("", "nodes", "get"),
-    clusterrole("imgcache.io", "imagecaches", "get"),
-    clusterrole("imgcache.io", "imagecaches/status", "update"),
-    clusterrole("", "events", "patch"),
-    role("apps", "daemonsets", "get"),
-)
-
-
-async def test_rbac_unused_verbs(api_client, cluster, custom, namespace, nodes, kubelet, start_controller):
-    """imgcache run works without these granted verbs, so the manifests grant more than it uses."""
-    await create_cache(custom, namespace, "unused", [
-        {"image": "quay.io/team/unused:v1"},
-        {"image": "quay.io/team/app@sha256:" + "a" * 32},
-    ])
-    async with revoked(cluster, *UNUSED):
-        controller = await start_controller(*FAST)
-        (name,) = await nodes.create(1)
-        await eventually(lambda: warm(api_client, name, 1))
-        await eventually(lambda: pinner_daemonsets(api_client), timeout=30)
-
-        async def has_status() -> bool:
-            return bool((await read_cache(custom, namespace, "unused")).get("status"))
-
-        await eventually(has_status, timeout=30)
-        events = await k8s_client.CoreV1Api(api_client).list_namespaced_event(
-            namespace, field_selector="involvedObject.name=unused,reason=InvalidEntry"
-        )
-    assert events.items
-    assert logged(controller, "api.forbidden") == []
-    assert logged(controller, "watch.forbidden") == []
-    assert logged(controller, "pinner.apply_failed") == []

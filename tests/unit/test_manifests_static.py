@@ -195,14 +195,14 @@ def test_namespace_explains_privileged() -> None:
 RBAC_FIELDS = ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs")
 
 EXPECTED_CLUSTER_ROLE = [
-    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": ["imgcache.io"], "resources": ["imagecaches"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": ["imgcache.io"], "resources": ["imagecaches"], "verbs": ["list", "watch"]},
     {
         "apiGroups": ["imgcache.io"],
         "resources": ["imagecaches/status"],
-        "verbs": ["patch", "update"],
+        "verbs": ["patch"],
     },
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 EXPECTED_ROLE = [
     {
@@ -213,7 +213,7 @@ EXPECTED_ROLE = [
     {
         "apiGroups": ["apps"],
         "resources": ["daemonsets"],
-        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+        "verbs": ["list", "watch", "create", "patch", "delete"],
     },
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
     {
