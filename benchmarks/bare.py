@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", type=Path, required=True, help="kubeconfig with a bearer token")
     parser.add_argument("--namespace", default="imgcache-system", help="namespace of the created pods")
     parser.add_argument("--image", default="bare.registry.bench/bench/image:v1", help="image of the pods")
-    parser.add_argument("--helper-image", default="ghcr.io/imgcache/imgcache:0.1.0", help="init container image")
+    parser.add_argument("--helper-image", default="ghcr.io/imgcache/imgcache-helper:0.1.0", help="init container image")
     commands = parser.add_subparsers(dest="command", required=True)
     watch = commands.add_parser("watch-create", help="create pods for each node that joins")
     watch.add_argument("--selector", required=True, help="label selector of the nodes to react to")

@@ -21,8 +21,9 @@ from testbed.controlplane import REPO, ControlPlane, free_port
 
 NAMESPACE = "imgcache-system"
 SERVICE_ACCOUNT = "imgcache"
-# The helper image is never pulled on fake nodes; the name only has to be valid.
-HELPER_IMAGE = "ghcr.io/imgcache/imgcache:0.1.0"
+# The helper image that the Deployment names; the simulated kubelet gives it a size where
+# a test or the demo sets one, and otherwise the simulator's default.
+HELPER_IMAGE = "ghcr.io/imgcache/imgcache-helper:0.1.0"
 
 
 def kubectl(plane: ControlPlane, *args: str, check: bool = True, input: str | None = None) -> str:

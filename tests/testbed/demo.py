@@ -123,9 +123,9 @@ IMAGE_SIZES: dict[str, int] = {
     "mcr.microsoft.com/dotnet/aspnet:8.0": 90 * MB,
     "gcr.io/distroless/static-debian12:nonroot": 1 * MB,
 }
-# NOTE: an estimate for the controller's own image (a Python runtime with its
-# dependencies), which every prepull and pinner pod runs as its init container.
-HELPER_IMAGE_SIZE = 60 * MB
+# The helper image (the Dockerfile's "helper" target), which every prepull and pinner
+# pod runs as its init container: Debian's static busybox, 1.03 MB gzip-compressed.
+HELPER_IMAGE_SIZE = 1_030_000
 # NOTE: an estimate of the download-plus-unpack rate that containerd reaches on one
 # EC2 node of the m7i or m7g families, not a measurement. Each node has its own link.
 NODE_BANDWIDTH = 125 * MB
@@ -708,7 +708,8 @@ def summary_lines(summary: JSON) -> list[str]:
         "  IMAGES IN  seconds from joining until the last image was in the node's store",
         "  REPORTED   seconds until imgcache's progress annotation reported every image done",
         "  PINNED     seconds until the node's pinner pod ran with every container ready.",
-        "             It trails REPORTED when a 429 put the pod into the kubelet's back-off.",
+        "             It trails REPORTED by up to about 10 s: a pin of a prepulled image waits",
+        "             with pull policy Never, and the kubelet retries it every 10 s.",
         "  PULLS      successful image pulls on the node, by prepull and pinner pods together",
         "  429s       registry requests from the node rejected with 429 Too Many Requests",
         "  FAILED     images that imgcache reports failed on the node",
@@ -1118,7 +1119,7 @@ class Demo:
     def print_keep_instructions(self) -> None:
         kubeconfig = shown_path(self.plane.kubeconfig)
         kubectl_command = f"{shown_path(self.plane.bin_dir / 'kubectl')} --kubeconfig {kubeconfig}"
-        stop = "cd tests && uv run python -m testbed.demo --stop"
+        stop = "cd tests && python3 -m uv run python -m testbed.demo --stop"
         if self.directory != DEFAULT_DIR:
             stop += f" --dir {self.directory}"
         lines = [
@@ -1137,7 +1138,7 @@ class Demo:
             "From the repository root, try:",
             f"  {kubectl_command} get imagecaches -A",
             f"  {kubectl_command} -n {NAMESPACE} get ds,pods",
-            f"  uv run imgcache status --kubeconfig {kubeconfig}",
+            f"  python3 -m uv run imgcache status --kubeconfig {kubeconfig}",
             f"  {kubectl_command} -n {CACHE_NAMESPACE} edit imagecache {CACHE_NAME}",
             "Stop it all with:",
             f"  {stop}",
