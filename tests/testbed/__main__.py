@@ -32,8 +32,12 @@ def main() -> int:
         print(f"try: .cluster/bin/kubectl --kubeconfig {link} get nodes")
         return 0
     if args.command == "down":
+        running = plane.running()
+        if not running:
+            print(f"no cluster is running in {args.dir}; nothing to stop")
+            return 0
         plane.down()
-        print("cluster stopped; no component process is left")
+        print(f"cluster in {args.dir} stopped ({', '.join(running)}); no component process is left")
         return 0
     running = plane.running()
     print("running: " + (", ".join(running) if running else "nothing"))
