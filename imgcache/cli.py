@@ -87,10 +87,11 @@ def _rewrite(argv: list[str]) -> int:
     print(f"image:     {ref}")
     print(f"rewritten: {result.result}")
     if result.rule is None:
-        print(f"rule:      none (no rule covers registry {ref.registry})")
+        print(f"rule:      none (no rule covers {ref.registry}/{ref.repository})")
     else:
         rule = result.rule
-        print(f"rule:      {rule.prefix} -> {rule.upstream_registry} ({rule.account}/{rule.region})")
+        upstream = "/".join(filter(None, (rule.upstream_registry, rule.upstream_repository_prefix)))
+        print(f"rule:      {rule.prefix} -> {upstream} ({rule.account}/{rule.region})")
     return 0
 
 

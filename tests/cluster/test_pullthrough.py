@@ -93,12 +93,18 @@ async def test_rewrite_off_keeps_originals(api_client, custom, namespace, nodes,
             "quay",
         ),
         ("ghcr.io/fluxcd/source-controller:v1.4.1", "ghcr.io/fluxcd/source-controller:v1.4.1", "none"),
+        (
+            "quay.io/mirror/app:1 --pull-through-rule=team=quay.io/mirror@111122223333/us-west-2",
+            f"{ECR}/team/app:1",
+            "team -> quay.io/mirror (111122223333/us-west-2)",
+        ),
+        ("ghcr.io/other/app:1", "ghcr.io/other/app:1", "none (no rule covers ghcr.io/other/app)"),
     ],
-    ids=["docker-hub-official", "quay-tag-and-digest", "no-rule"],
+    ids=["docker-hub-official", "quay-tag-and-digest", "no-rule", "upstream-prefix", "no-rule-named"],
 )
 def test_rewrite_command(image: str, expected: str, rule: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "imgcache", "rewrite", image, *RULES],
+        [sys.executable, "-m", "imgcache", "rewrite", *image.split(), *RULES],
         capture_output=True,
         text=True,
         cwd=REPO,
