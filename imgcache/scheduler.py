@@ -103,8 +103,8 @@ class NodeState:
 
     node: Node
     key: str
-    # Replaced, never changed in place, so warm nodes can share the set parsed from
-    # their identical annotations: at thousands of nodes that is most of the memory.
+    # Replaced, never changed in place, so that warm nodes share the set parsed from
+    # their identical annotations. At thousands of nodes these sets were most of the memory.
     done: frozenset[str]
     failed: dict[str, str]
     inflight: dict[str, str] = field(default_factory=dict)
@@ -118,9 +118,6 @@ class NodeState:
     # The node's applicable images, valid while the catalogue keeps this version.
     applicable_version: int = -1
     applicable_images: list[CatalogueImage] = field(default_factory=list)
-    # Catalogue version at which the node had nothing left to start; plan() skips it
-    # until the catalogue or the node changes.
-    idle_version: int = -1
     resource_version: str = ""
 
 
@@ -162,9 +159,9 @@ class Scheduler:
         self.rotation: deque[str] = deque()
         self._rotating: set[str] = set()
         self._rotation_version = catalogue.version
-        # Progress of nodes with no failures and nothing in flight, by the identity of
-        # their shared image list and done set; each entry keeps both alive, so an id
-        # cannot be reused while its entry exists.
+        # Progress of nodes with no failures and nothing in flight, keyed by the ids of
+        # their shared image list and done set. Each entry holds both objects, so their
+        # ids cannot be reused while the entry exists.
         self._progress_memo: dict[tuple[int, int], tuple[list[CatalogueImage], frozenset[str], Progress]] = {}
         self.inflight = 0
         self.quota_caps: dict[str, float] = {}
@@ -219,8 +216,7 @@ class Scheduler:
         ]
 
     def _activate(self, state: NodeState, front: bool = False) -> None:
-        """Make plan() look at the node again: something may have given it work."""
-        state.idle_version = -1
+        """Put the node back in the rotation, because something may have given it work."""
         name = state.node.name
         if name in self._rotating:
             return
@@ -314,19 +310,13 @@ class Scheduler:
             self._rotation_version = version
             for state in self.nodes.values():
                 self._activate(state)
-        queues: dict[str, list[CatalogueImage]] = {}
-        for name in self.rotation:
-            state = self.nodes[name]
-            queues[name] = self._waiting(state, now)
-            # Pods in flight need no turns: a failure, retry or deletion brings the node
-            # back through _activate().
-            if not queues[name] and not state.retry_at:
-                state.idle_version = version
+        queues = {name: self._waiting(self.nodes[name], now) for name in self.rotation}
         self.last_queue_depth = sum(len(queue) for queue in queues.values())
-        # Nodes with something to start now take turns; the ones waiting for retries keep
-        # their order behind them, and idle ones leave the rotation.
+        # Nodes with something to start now take turns, and nodes with a retry due later
+        # keep their order behind them. The others leave the rotation, even with pods in
+        # flight, because a failure, retry or deletion brings them back via _activate().
         active = deque(name for name in self.rotation if queues[name])
-        waiting = [name for name in self.rotation if not queues[name] and self.nodes[name].idle_version != version]
+        waiting = [name for name in self.rotation if not queues[name] and self.nodes[name].retry_at]
         self._rotating = set(active) | set(waiting)
         empty: dict[str, float] = {}
         progressed = True
@@ -361,28 +351,24 @@ class Scheduler:
     ) -> tuple[Launch | None, float | None]:
         """Start the node's first queued image whose registry has a token.
 
-        ``empty`` maps registries whose bucket ran dry during this plan() to their wait;
-        the clock stands still within a plan, so they are not asked again.
+        ``empty`` maps each registry whose bucket ran dry during this plan() to its wait.
+        The clock does not move within a plan, so such a bucket is not asked again.
         """
         retry_in: float | None = None
         for index, image in enumerate(queue):
             registry = image.resolved.registry
-            wait = empty.get(registry)
-            if wait is None:
+            if registry not in empty:
                 bucket = self.bucket(registry)
                 if bucket.try_acquire(now):
-                    wait = -1.0
-                else:
-                    wait = empty[registry] = bucket.wait_time(now)
-            if wait >= 0:
-                retry_in = wait if retry_in is None else min(retry_in, wait)
-                continue
-            queue.pop(index)
-            name = pod_name(state.key, image.hash)
-            state.inflight[image.hash] = name
-            state.first_try.setdefault(image.hash, now)
-            self.inflight += 1
-            return Launch(state.node, state.key, image, name), retry_in
+                    queue.pop(index)
+                    name = pod_name(state.key, image.hash)
+                    state.inflight[image.hash] = name
+                    state.first_try.setdefault(image.hash, now)
+                    self.inflight += 1
+                    return Launch(state.node, state.key, image, name), retry_in
+                empty[registry] = bucket.wait_time(now)
+            wait = empty[registry]
+            retry_in = wait if retry_in is None else min(retry_in, wait)
         return None, retry_in
 
     def launch_failed(self, launch: Launch, retry_after: float) -> None:
