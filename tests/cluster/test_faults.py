@@ -99,6 +99,16 @@ async def no_prepull_pods(api) -> bool:
     return not await prepull_pods(api)
 
 
+async def assert_done_once(api, kubelet, observer: PrepullObserver, names: list[str]) -> None:
+    """Assert that each pod name was created once and no image pulled twice, then that no
+    prepull pod is left.
+    """
+    assert observer.simultaneous_same_image == 0
+    assert max(observer.names_created.values()) == 1
+    assert pulled_twice(kubelet, names) == {}
+    assert await eventually(lambda: no_prepull_pods(api))
+
+
 def held(kubelet, node: str) -> set[str]:
     """Return the catalogue images a node holds, without the helper image every pod pulls."""
     return {str(parse(i)) for i in kubelet.images(node)} - {HELPER_IMAGE}
@@ -284,10 +294,7 @@ async def test_apiserver_restart_mid_prepull(api_client, cluster, custom, namesp
         assert restarts - closed >= 1, f"the {resource} watch never noticed the restart"
     for name in names:
         assert {str(parse(i)) for i in images} <= held(kubelet, name)
-    assert observer.simultaneous_same_image == 0
-    assert max(observer.names_created.values()) == 1
-    assert pulled_twice(kubelet, names) == {}
-    assert await eventually(lambda: no_prepull_pods(api_client))
+    await assert_done_once(api_client, kubelet, observer, names)
 
 
 @pytest.mark.slow
@@ -411,10 +418,7 @@ async def test_sigkill_five_times(api_client, custom, namespace, nodes, kubelet,
 
     for name in names:
         assert {str(parse(i)) for i in images} <= held(kubelet, name)
-    assert observer.simultaneous_same_image == 0
-    assert max(observer.names_created.values()) == 1
-    assert pulled_twice(kubelet, names) == {}
-    assert await eventually(lambda: no_prepull_pods(api_client))
+    await assert_done_once(api_client, kubelet, observer, names)
 
     # Removed once a node has every image, or at its deadline, or as soon as a controller
     # leads after the deadline. The slack covers the 0.5 s flush interval, the 0.25 s
@@ -524,10 +528,7 @@ async def test_leader_failover(api_client, custom, namespace, nodes, kubelet, st
     assert takeover <= 4 + 3, f"the follower took over {takeover:.1f} s after the leader died"
     assert metric(await scrape(follower), "imgcache_leader") == 1
     assert len(log_events(follower, "leader.elected")) == 1
-    assert observer.simultaneous_same_image == 0
-    assert max(observer.names_created.values()) == 1
-    assert pulled_twice(kubelet, names) == {}
-    assert await eventually(lambda: no_prepull_pods(api_client))
+    await assert_done_once(api_client, kubelet, observer, names)
 
 
 # -- node churn --------------------------------------------------------------
