@@ -118,8 +118,8 @@ class Catalogue:
         self.reports: dict[str, SourceReport] = {}
         self.version = 0
         self._listeners: list[Callable[[], None]] = []
-        # Node label keys that any nodeSelector names, and the prepull lists per node
-        # shape: nodes that agree on platform and on those labels get the same list.
+        # Node label keys that any nodeSelector names, and the prepull list per node shape.
+        # Nodes with the same platform and the same values of those labels share a list.
         self._selector_keys: tuple[str, ...] = ()
         self._prepull_lists: dict[tuple[str | None, ...], list[CatalogueImage]] = {}
 

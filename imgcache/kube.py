@@ -121,7 +121,7 @@ def _use_environment_proxy(configuration: k8s_client.Configuration) -> None:
     """Set the proxy that HTTPS_PROXY, HTTP_PROXY and NO_PROXY give for the API server, if any.
 
     aiohttp's own lookup, which a session with ``trust_env`` runs on every request, is
-    done here once: the server's address does not change while the process runs.
+    done here once, because the server's address does not change while the process runs.
     """
     try:
         proxy, auth = get_env_proxy_for_url(URL(str(configuration.host)))
@@ -135,13 +135,11 @@ def _use_environment_proxy(configuration: k8s_client.Configuration) -> None:
 def _stop_environment_lookups(api: k8s_client.ApiClient) -> None:
     """Replace the client's session with one that does not read the environment per request.
 
-    kubernetes_asyncio opens its session with ``trust_env=True``. aiohttp 3.14 then
-    looks up the proxy variables and ~/.netrc in worker threads for every request, and
-    the event loop waits for the GIL while those threads run. In a cProfile of
-    benchmarks/cost.py, each socket write took 0.55 ms with the lookups and 0.09 ms
-    without. The proxy is set once by ``_use_environment_proxy`` instead. ~/.netrc is
-    not read: an entry for the API server would clash with the bearer token's
-    Authorization header, which aiohttp rejects with ValueError.
+    kubernetes_asyncio opens its session with ``trust_env=True``, so aiohttp 3.14 looks
+    up the proxy variables and ~/.netrc in worker threads on every request, and the
+    event loop waits for them. ``_use_environment_proxy`` resolves the proxy once
+    instead. ~/.netrc is not read, because an entry for the API server would clash with
+    the bearer token's Authorization header, which aiohttp rejects with ValueError.
     """
     rest = api.rest_client
     connector = rest.pool_manager.connector
@@ -210,10 +208,9 @@ class Kube:
     ) -> aiohttp.ClientResponse:
         """Send one request on the client's session with its authentication, TLS and proxy.
 
-        ``ApiClient.call_api`` would first copy every body through the generated models'
-        serializer: in a cProfile of benchmarks/cost.py that copy was about a third of
-        imgcache's CPU time per pod create. The bodies here are plain JSON already, so
-        they are encoded directly.
+        The bodies are plain JSON already, so they skip ``ApiClient.call_api``, which
+        copies every body through the generated models' serializer. That copy cost about
+        a third of imgcache's CPU time per pod create.
         """
         url = f"{self._api.configuration.host}{path}"
         params = [(key, value) for key, value in (query or {}).items() if value is not None]

@@ -100,7 +100,7 @@ def slim_node(obj: JSON) -> JSON:
 
 def node_from_json(obj: JSON) -> Node:
     metadata = obj.get("metadata") or {}
-    # Nodes repeat the same label keys and mostly the same values; parsed JSON gives each
+    # Nodes repeat the same label keys and mostly the same values. Parsed JSON gives each
     # node its own copies, which at thousands of nodes outweigh the rest of a Node.
     labels = {sys.intern(str(k)): sys.intern(str(v)) for k, v in (metadata.get("labels") or {}).items()}
     annotations = metadata.get("annotations") or {}

@@ -160,8 +160,8 @@ class Scheduler:
         self._rotating: set[str] = set()
         self._rotation_version = catalogue.version
         # Progress of nodes with no failures and nothing in flight, keyed by the ids of
-        # their shared image list and done set. Each entry holds both objects, so their
-        # ids cannot be reused while the entry exists.
+        # their shared image list and done set. Each entry keeps references to both
+        # objects, so their ids cannot be reused while the entry exists.
         self._progress_memo: dict[tuple[int, int], tuple[list[CatalogueImage], frozenset[str], Progress]] = {}
         self.inflight = 0
         self.quota_caps: dict[str, float] = {}

@@ -41,8 +41,8 @@ def image_counts(scheduler: Scheduler) -> dict[str, ImageCounts]:
     cached: Counter[str] = Counter()
     pending: Counter[str] = Counter()
     failed: Counter[str] = Counter()
-    # Warm nodes share one image list and one done set, so nodes are counted per distinct
-    # pair: at thousands of nodes that is a handful of passes instead of one per node.
+    # Warm nodes share one image list and one done set, so nodes without failures are
+    # counted once per distinct pair. At thousands of nodes that is a handful of passes.
     shared: Counter[tuple[int, int]] = Counter()
     pairs: dict[tuple[int, int], tuple[list[CatalogueImage], frozenset[str]]] = {}
     for state in scheduler.nodes.values():

@@ -53,7 +53,7 @@ class Reflector:
     settings: WatchSettings = field(default_factory=WatchSettings)
     on_restart: Callable[[str, str], None] | None = None
     on_synced: Callable[[], None] | None = None
-    # Reduces each listed object to what the handler reads; see Kube.list.
+    # Function that reduces each listed object to what the handler reads (see Kube.list).
     slim: Callable[[JSON], JSON] | None = None
     resource_version: str = ""
     synced: bool = False

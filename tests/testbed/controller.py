@@ -21,8 +21,8 @@ from testbed.controlplane import REPO, ControlPlane, free_port
 
 NAMESPACE = "imgcache-system"
 SERVICE_ACCOUNT = "imgcache"
-# The helper image that the Deployment names; the simulated kubelet gives it a size where
-# a test or the demo sets one, and otherwise the simulator's default.
+# The helper image that the Deployment names. Tests and the demo may give it a size in
+# the simulated kubelet, which otherwise uses its default.
 HELPER_IMAGE = "ghcr.io/imgcache/imgcache-helper:0.1.0"
 
 

@@ -1319,8 +1319,8 @@ class SimulatedKubelet:
     def _never_pull(self, run: _PodRun, container: _Container) -> None:
         if container.state.get("waiting", {}).get("reason") == "ErrImageNeverPull":
             # The kubelet reports this again at every sync, but client-go's event spam
-            # filter lets through 25 Events per object and then one per 5 minutes, so a
-            # pod with many such containers sends few; a repeat is not written here.
+            # filter passes 25 Events per object and then one per 5 minutes. So a repeat
+            # is not written here.
             return
         message = f'Container image "{container.image}" is not present with pull policy of Never'
         self._event(run, container, "Warning", "ErrImageNeverPull", message)
