@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from imgcache.catalogue import Catalogue
@@ -91,6 +92,53 @@ async def test_quota_caps_registry_rate() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+class CountingAws:
+    """Returns a fixed identity, quotas and rules as AwsClient does, and counts each read."""
+
+    def __init__(self) -> None:
+        self.rule_reads = 0
+        self.quota_reads = 0
+
+    async def identity(self) -> tuple[str, str]:
+        return "111122223333", "us-west-2"
+
+    async def ecr_rate_quotas(self) -> dict[str, float]:
+        self.quota_reads += 1
+        return {"BatchGetImage": 40.0}
+
+    async def pull_through_rules(self) -> list[PullThroughRule]:
+        self.rule_reads += 1
+        return [QUAY]
+
+
+async def run_loop(flags: list[str], seconds: float) -> CountingAws:
+    catalogue = Catalogue()
+    scheduler = Scheduler(catalogue, Limits(registry_qps=50.0), clock=lambda: 0.0)
+    subject = PullThroughRefresher(load(flags, {}), catalogue, scheduler, Metrics())
+    aws = CountingAws()
+    with anyio.move_on_after(seconds):
+        await subject._loop(aws)  # type: ignore[arg-type]
+    return aws
+
+
+@pytest.mark.anyio
+async def test_refresh_interval_sets_rule_reads() -> None:
+    often = await run_loop(["--pull-through-refresh=0.05"], 0.5)
+    rarely = await run_loop(["--pull-through-refresh=600"], 0.5)
+
+    assert often.rule_reads >= 5
+    assert rarely.rule_reads == 1
+
+
+@pytest.mark.anyio
+async def test_quota_awareness_reads_quotas() -> None:
+    aware = await run_loop(["--ecr-quota-awareness"], 0.1)
+    unaware = await run_loop(["--ecr-quota-awareness=false"], 0.1)
+
+    assert aware.quota_reads == 1
+    assert unaware.quota_reads == 0
 
 
 def test_aws_flags_reach_client_settings() -> None:
