@@ -8,9 +8,12 @@ process behind.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
+import json
 import re
 import secrets
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -661,6 +664,117 @@ async def test_hundred_nodes_ten_images(
         assert kubelet.node_pulls[node].succeeded == 10, node
     assert kubelet.registry_requests["registry.scale.example"].succeeded == 1000
     assert elapsed < 300
+
+
+# -- versions and listening sockets -------------------------------------------------------------
+
+
+async def test_server_and_kubectl_report_v1_36(cluster: ControlPlane, api_client: k8s_client.ApiClient) -> None:
+    command = [str(cluster.binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig), "version", "-o", "json"]
+    with anyio.fail_after(60):
+        result = await anyio.run_process(command, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    reported = json.loads(result.stdout)
+    client_version = reported["clientVersion"]["gitVersion"]
+    server_version = reported["serverVersion"]["gitVersion"]
+    # Without the build's version stamp, k8s.io/component-base/version (v0.36.3) reports
+    # gitVersion v0.0.0-master+$Format:%H$ and an empty major and minor.
+    assert client_version.startswith("v1.36."), reported["clientVersion"]
+    assert server_version.startswith("v1.36."), reported["serverVersion"]
+
+    version = await k8s_client.VersionApi(api_client).get_code()
+    assert version.git_version.startswith("v1.36."), version
+    assert version.git_version == server_version
+    assert version.major == "1"
+    assert version.minor.rstrip("+") == "36"
+
+
+# Value of the ``st`` column for a listening socket in /proc/net/tcp and tcp6 (TCP_LISTEN is 10).
+TCP_LISTEN = "0A"
+LOOPBACK_ADDRESSES = {"127.0.0.1", "::1"}
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """Return the inode numbers of the sockets among the open file descriptors of ``pid``."""
+    inodes = set()
+    for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = str(descriptor.readlink())
+        except FileNotFoundError:
+            # The process closed this descriptor after the directory was listed.
+            continue
+        if target.startswith("socket:[") and target.endswith("]"):
+            inodes.add(int(target[len("socket:[") : -1]))
+    return inodes
+
+
+def _decode_proc_address(hex_address: str) -> str:
+    """Convert an address field of /proc/net/tcp or tcp6 to its text form.
+
+    Linux prints the address as 32-bit words with %08X (get_tcp4_sock in
+    net/ipv4/tcp_ipv4.c), and %08X formats each word in host byte order. Packing each word
+    in native order therefore restores the bytes in network order.
+    """
+    words = [int(hex_address[i : i + 8], 16) for i in range(0, len(hex_address), 8)]
+    packed = b"".join(struct.pack("=I", word) for word in words)
+    return str(ipaddress.ip_address(packed))
+
+
+def _listening_tcp_sockets(pid: int) -> dict[int, tuple[str, int]]:
+    """Return {inode: (address, port)} for the listening TCP sockets in the network namespace of ``pid``."""
+    sockets = {}
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.exists():
+            # This file is missing when the kernel runs without IPv6, as with ipv6.disable=1.
+            continue
+        for row in path.read_text().splitlines()[1:]:
+            fields = row.split()
+            local_address, state, inode = fields[1], fields[3], int(fields[9])
+            if state != TCP_LISTEN:
+                continue
+            address, port = local_address.split(":")
+            sockets[inode] = (_decode_proc_address(address), int(port, 16))
+    return sockets
+
+
+def _listening_addresses(pid: int) -> list[tuple[str, int]]:
+    """Return the sorted (address, port) pairs of the TCP sockets that process ``pid`` listens on."""
+    listening = _listening_tcp_sockets(pid)
+    return sorted(listening[inode] for inode in _socket_inodes(pid) if inode in listening)
+
+
+def _secure_port(pid: int) -> int:
+    """Return the value of ``--secure-port=`` on the command line of ``pid``."""
+    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    values = [a.removeprefix("--secure-port=") for a in arguments if a.startswith("--secure-port=")]
+    assert len(values) == 1, f"expected one --secure-port argument in {arguments}"
+    return int(values[0])
+
+
+def test_components_listen_only_on_loopback(cluster: ControlPlane) -> None:
+    info = cluster.info()
+    pids = {name: cluster.pid(name) for name in COMPONENTS}
+    running = {name: pid for name, pid in pids.items() if pid is not None}
+    assert running.keys() == set(COMPONENTS), f"not every component runs: {pids}"
+    listening = {name: _listening_addresses(pid) for name, pid in running.items()}
+
+    for name, addresses in listening.items():
+        assert addresses, f"{name} (pid {running[name]}) has no listening TCP socket"
+        for address, port in addresses:
+            assert address in LOOPBACK_ADDRESSES, f"{name} listens on {address} port {port}"
+
+    # The ports the test bed configured must appear, which also checks the /proc parsing.
+    expected_ports = {
+        "etcd": {info.etcd_port, info.etcd_peer_port},
+        "kube-apiserver": {info.apiserver_port},
+        "kube-controller-manager": {_secure_port(running["kube-controller-manager"])},
+        "kube-scheduler": {_secure_port(running["kube-scheduler"])},
+        "kwok": {info.kwok_port},
+    }
+    for name, ports in expected_ports.items():
+        found = {port for _, port in listening[name]}
+        assert ports <= found, f"{name} does not listen on port(s) {sorted(ports - found)}, only on {sorted(found)}"
 
 
 # -- shutdown ----------------------------------------------------------------------------------
