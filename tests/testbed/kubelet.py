@@ -55,6 +55,10 @@ DEFAULT_IMAGE_SIZE = 50_000_000
 # The kubelet's image back-off: 10 s, doubling per failure up to 5 minutes.
 DEFAULT_BACKOFF_INITIAL = 10.0
 DEFAULT_BACKOFF_MAX = 300.0
+# The kubelet's registryPullQPS and registryBurst defaults: one token bucket on pull
+# starts per node, for all registries together.
+DEFAULT_REGISTRY_PULL_QPS = 5.0
+DEFAULT_REGISTRY_BURST = 10
 # The kubelet reports at most this many images in node.status.images (nodeStatusMaxImages).
 NODE_STATUS_MAX_IMAGES = 50
 # NOTE: approximate compressed linux/amd64 sizes of a few public images, in bytes, so
@@ -434,6 +438,13 @@ class KubeletConfig:
     and the pod sync that reports ImagePullBackOff; it is capped at half the
     back-off. ``node_status_interval`` is how often, in real seconds, changed image
     stores are written to ``node.status.images`` (None turns that off).
+
+    ``registry_pull_qps`` and ``registry_burst`` are the kubelet settings of the same
+    names: every node refills ``registry_burst`` tokens at that rate, each pull
+    attempt takes one, and an attempt that finds none fails with ``pull QPS
+    exceeded`` before any registry request. None turns the limit off, as 0 does in a
+    kubelet. ``pull_latency`` is the time a pull spends on registry round trips
+    (token, manifest, config) before its first layer byte; it takes no bandwidth.
     """
 
     node_bandwidth: float = DEFAULT_NODE_BANDWIDTH
@@ -446,6 +457,9 @@ class KubeletConfig:
     failures: list[FailureRule] = field(default_factory=list)
     serialize_image_pulls: bool = False
     max_parallel_image_pulls: int | None = None
+    registry_pull_qps: float | None = DEFAULT_REGISTRY_PULL_QPS
+    registry_burst: int = DEFAULT_REGISTRY_BURST
+    pull_latency: float = 0.0
     backoff_initial: float = DEFAULT_BACKOFF_INITIAL
     backoff_max: float = DEFAULT_BACKOFF_MAX
     resync_delay: float = 1.0
@@ -465,6 +479,10 @@ class KubeletConfig:
             raise ValueError(f"invalid max_parallel_image_pulls {self.max_parallel_image_pulls}: must be >= 1")
         if self.time_scale <= 0:
             raise ValueError(f"invalid time_scale {self.time_scale}: must be positive")
+        if self.registry_pull_qps is not None:
+            TokenBucket(self.registry_pull_qps, self.registry_burst, 0.0)
+        if self.pull_latency < 0:
+            raise ValueError(f"invalid pull_latency {self.pull_latency}: must be >= 0")
         if self.event_writers < 1:
             raise ValueError(f"invalid event_writers {self.event_writers}: must be >= 1")
         Backoff(self.backoff_initial, self.backoff_max)
@@ -511,6 +529,11 @@ def resolve_profile(config: KubeletConfig, ref: ImageReference) -> ResolvedProfi
 def _unpack_prefix(ref: ImageReference, code: str) -> str:
     # The kubelet prints the CRI error, so containerd's text arrives wrapped in a gRPC status.
     return f'rpc error: code = {code} desc = failed to pull and unpack image "{ref.name}": '
+
+
+# The whole error of a pull that the node's registryPullQPS bucket rejected. No
+# runtime wording wraps it, because the kubelet never called the runtime.
+PULL_QPS_EXCEEDED = "pull QPS exceeded"
 
 
 def throttled_message(ref: ImageReference, layer: int | None = None) -> str:
@@ -580,11 +603,15 @@ class RequestCounts:
 
 @dataclass
 class PullCounts:
-    """Pull attempts of one node; ``max_active`` is the peak of concurrent pulls."""
+    """Pull attempts of one node; ``max_active`` is the peak of concurrent pulls.
+
+    ``qps_exceeded`` counts the failed attempts that the node's own pull limit rejected.
+    """
 
     attempts: int = 0
     succeeded: int = 0
     failed: int = 0
+    qps_exceeded: int = 0
     bytes: int = 0
     active: int = 0
     max_active: int = 0
@@ -702,6 +729,10 @@ class _NodeState:
         self.transfers: dict[str, anyio.Event] = {}
         slots = 1 if config.serialize_image_pulls else config.max_parallel_image_pulls
         self.slots = anyio.Semaphore(slots) if slots is not None else None
+        qps = config.registry_pull_qps
+        self.pull_bucket = (
+            TokenBucket(qps / config.time_scale, config.registry_burst, time.monotonic()) if qps else None
+        )
 
     def update(self, node: JSON) -> None:
         labels = node.get("metadata", {}).get("labels") or {}
@@ -1079,6 +1110,7 @@ class SimulatedKubelet:
             pulls.attempts += node_counts.attempts
             pulls.succeeded += node_counts.succeeded
             pulls.failed += node_counts.failed
+            pulls.qps_exceeded += node_counts.qps_exceeded
             pulls.bytes += node_counts.bytes
             pulls.active += node_counts.active
         return {
@@ -1516,10 +1548,16 @@ class SimulatedKubelet:
         counts.active += 1
         counts.max_active = max(counts.max_active, counts.active)
         try:
+            if node.pull_bucket is not None and not node.pull_bucket.try_take(record.started_at):
+                # The kubelet's throttled image service rejects the pull before any registry request.
+                counts.qps_exceeded += 1
+                raise _PullError(PULL_QPS_EXCEEDED)
             profile = resolve_profile(self.config, ref)
             rule = next((r for r in self.config.failures if r.matches(ref, node.name)), None)
             fails_now = rule is not None and rule.kind is not FailureKind.DISK_FULL
             self._registry_request(node, ref, layer=None, failed=fails_now)
+            if self.config.pull_latency and ref.name not in node.images:
+                await anyio.sleep(self.config.pull_latency * self.config.time_scale)
             if rule is not None and fails_now:
                 rule.fired += 1
                 await anyio.sleep(rule.delay * self.config.time_scale)
@@ -1746,6 +1784,9 @@ def _build_config(args: argparse.Namespace) -> KubeletConfig:
         max_parallel_image_pulls=args.max_parallel_image_pulls,
         backoff_initial=args.backoff_initial,
         backoff_max=args.backoff_max,
+        registry_pull_qps=args.registry_pull_qps or None,
+        registry_burst=args.registry_burst,
+        pull_latency=args.pull_latency,
         time_scale=args.time_scale,
         node_status_interval=args.node_status_interval,
     )
@@ -1820,6 +1861,18 @@ def _parser() -> argparse.ArgumentParser:
         "--backoff-initial", type=float, default=DEFAULT_BACKOFF_INITIAL, help="first pull back-off in seconds"
     )
     parser.add_argument("--backoff-max", type=float, default=DEFAULT_BACKOFF_MAX, help="maximum back-off in seconds")
+    parser.add_argument(
+        "--registry-pull-qps",
+        type=float,
+        default=DEFAULT_REGISTRY_PULL_QPS,
+        help="pull starts per second per node, the kubelet's registryPullQPS; 0 turns the limit off",
+    )
+    parser.add_argument(
+        "--registry-burst", type=int, default=DEFAULT_REGISTRY_BURST, help="burst of pull starts per node"
+    )
+    parser.add_argument(
+        "--pull-latency", type=float, default=0.0, help="seconds of registry round trips before a pull's first byte"
+    )
     parser.add_argument(
         "--time-scale",
         type=float,
