@@ -198,6 +198,8 @@ class Controller:
             registry_qps=settings.registry_qps,
             registry_burst=settings.registry_burst,
             registry_min_qps=settings.registry_min_qps,
+            node_pull_qps=settings.node_pull_qps,
+            node_pull_burst=settings.node_pull_burst,
             prepull_deadline=settings.prepull_deadline,
             pod_deadline=float(settings.pod_deadline),
             retry_initial=settings.retry_initial,

@@ -19,6 +19,7 @@ class FailureClass(enum.StrEnum):
     """Cause of a failed image pull, used as a metric label value."""
 
     THROTTLED = "throttled"
+    KUBELET_THROTTLED = "kubelet_throttled"
     NOT_FOUND = "not_found"
     UNAUTHORIZED = "unauthorized"
     PLATFORM_MISMATCH = "platform_mismatch"
@@ -58,7 +59,8 @@ def _rule(failure: FailureClass, *patterns: str) -> tuple[FailureClass, re.Patte
 
 
 # The first matching rule wins, so the order settles messages that match several:
-# 1. Invalid name: the kubelet rejected the reference before contacting a registry.
+# 1. Invalid name and kubelet throttling: the kubelet rejected the pull before sending a
+#    registry request. Its own pull limit (registryPullQPS) fails with "pull QPS exceeded".
 # 2. Throttled: a 429 response carries no information about the image, and retry
 #    chains can carry an earlier "not found" or "unauthorized" along with it.
 # 3. Disk full and 4. network: the pull failed on the node or on the way, so
@@ -69,6 +71,7 @@ def _rule(failure: FailureClass, *patterns: str) -> tuple[FailureClass, re.Patte
 #    repository exists from clients without access.
 _RULES: tuple[tuple[FailureClass, re.Pattern[str]], ...] = (
     _rule(FailureClass.INVALID_NAME, _tokens("invalid reference format")),
+    _rule(FailureClass.KUBELET_THROTTLED, _tokens("pull qps exceeded")),
     _rule(
         FailureClass.THROTTLED,
         _HTTP_429,
@@ -151,6 +154,11 @@ def hint(failure: FailureClass, registry: str) -> str:
 
 
 _HINTS: dict[FailureClass, str] = {
+    FailureClass.KUBELET_THROTTLED: (
+        "The node's kubelet refused the pull because its own limit on pull starts was used up "
+        "(registryPullQPS, default 5 per second, with registryBurst, default 10), so keep "
+        "--node-pull-qps and --node-pull-burst below the node's values or raise them in the kubelet configuration."
+    ),
     FailureClass.NOT_FOUND: (
         "The registry {registry} has no image with this name, so check that the repository "
         "exists and contains the tag or digest."

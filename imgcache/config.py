@@ -54,6 +54,8 @@ class Settings:
     registry_qps: float = 20.0
     registry_burst: int = 20
     registry_min_qps: float = 0.5
+    node_pull_qps: float = 4.0
+    node_pull_burst: int = 8
     prepull_deadline: float = 900.0
     pod_deadline: int = 600
     retry_initial: float = 5.0
@@ -104,6 +106,16 @@ def _positive_float(text: str) -> float:
         raise ValueError(f"expected a number greater than 0, got {text!r}") from None
     if not value > 0:
         raise ValueError(f"must be greater than 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of 0 or more, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"must be a number of 0 or more, got {text!r}")
     return value
 
 
@@ -254,6 +266,18 @@ _OPTIONS: tuple[_Option, ...] = (
         "registry_min_qps",
         _positive_float,
         "floor of the adaptive per-registry rate in pulls per second (default 0.5)",
+    ),
+    _Option(
+        "--node-pull-qps",
+        "node_pull_qps",
+        _non_negative_float,
+        "prepull pod starts per second per node, below the kubelet's registryPullQPS; 0 turns it off (default 4)",
+    ),
+    _Option(
+        "--node-pull-burst",
+        "node_pull_burst",
+        _positive_int,
+        "token-bucket burst of prepull pod starts per node, below the kubelet's registryBurst (default 8)",
     ),
     _Option(
         "--prepull-deadline",

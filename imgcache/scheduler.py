@@ -49,6 +49,12 @@ class Limits:
     registry_qps: float = 20.0
     registry_burst: int = 20
     registry_min_qps: float = 0.5
+    # Pull starts per node, below the kubelet's own limit (registryPullQPS 5 and
+    # registryBurst 10 by default): a pull over it fails with "pull QPS exceeded" and
+    # backs off. The margin covers pods whose pulls reach the kubelet late and then
+    # together. 0 turns pacing off.
+    node_pull_qps: float = 4.0
+    node_pull_burst: int = 8
     prepull_deadline: float = 900.0
     pod_deadline: float = 600.0
     retry_initial: float = 5.0
@@ -119,6 +125,12 @@ class NodeState:
     applicable_version: int = -1
     applicable_images: list[CatalogueImage] = field(default_factory=list)
     resource_version: str = ""
+    # Mirror of the kubelet's pull-start bucket; None until the node's first launch.
+    pull_tokens: float | None = None
+    pull_stamp: float = 0.0
+    # Whether a prepull pod's init container ran here, so the helper image is present.
+    # Until then every pod costs two pulls: the helper image and its own image.
+    helper_seen: bool = False
 
 
 @dataclass(frozen=True)
@@ -332,10 +344,17 @@ class Scheduler:
                 state = self.nodes[name]
                 if len(state.inflight) >= self.limits.max_inflight_per_node:
                     continue
+                cost = 1.0 if state.helper_seen else 2.0
+                node_wait = self._node_wait(state, now, cost)
+                if node_wait > 0:
+                    wake = node_wait if wake is None else min(wake, node_wait)
+                    continue
                 launch, retry_in = self._take(state, queues[name], now, empty)
                 if retry_in is not None:
                     wake = retry_in if wake is None else min(wake, retry_in)
                 if launch is not None:
+                    if state.pull_tokens is not None:
+                        state.pull_tokens -= cost
                     launches.append(launch)
                     progressed = True
         active.extend(waiting)
@@ -345,6 +364,21 @@ class Scheduler:
                 if at > now:
                     wake = at - now if wake is None else min(wake, at - now)
         return launches, wake
+
+    def _node_wait(self, state: NodeState, now: float, cost: float) -> float:
+        """Refill the node's pull-start bucket; return seconds until it contains ``cost`` tokens."""
+        qps = self.limits.node_pull_qps
+        if qps <= 0:
+            return 0.0
+        burst = float(self.limits.node_pull_burst)
+        if state.pull_tokens is None:
+            state.pull_tokens = burst
+        elif now > state.pull_stamp:
+            state.pull_tokens = min(burst, state.pull_tokens + (now - state.pull_stamp) * qps)
+        state.pull_stamp = now
+        # A cost above the burst could never be met, so a full bucket pays it and goes negative.
+        need = min(cost, burst)
+        return 0.0 if state.pull_tokens >= need else (need - state.pull_tokens) / qps
 
     def _take(
         self, state: NodeState, queue: list[CatalogueImage], now: float, empty: dict[str, float]
@@ -377,6 +411,9 @@ class Scheduler:
         self.bucket(launch.image.resolved.registry).release()
         if state is None or state.inflight.get(launch.image.hash) != launch.pod_name:
             return
+        if state.pull_tokens is not None:
+            cost = 1.0 if state.helper_seen else 2.0
+            state.pull_tokens = min(float(self.limits.node_pull_burst), state.pull_tokens + cost)
         del state.inflight[launch.image.hash]
         self.inflight -= 1
         state.retry_at[launch.image.hash] = self.clock() + retry_after
@@ -417,8 +454,15 @@ class Scheduler:
         image = self.catalogue.images.get(pod.image_hash)
         registry = image.resolved.registry if image else _registry_of(pod.image)
         if _pulled(pod):
+            state.helper_seen = True
             return [], [], self._succeeded(state, pod, registry)
         failure = _pull_failure(pod)
+        if not state.helper_seen and (
+            any(c.image_id or c.terminated for c in pod.init_containers)
+            or (failure is not None and failure[2] == PREPULL_CONTAINER)
+        ):
+            # Init containers finish before the kubelet pulls the prepull container's image.
+            state.helper_seen = True
         if failure is not None:
             reason, message, container = failure
             helper = container != PREPULL_CONTAINER
@@ -525,13 +569,18 @@ class Scheduler:
         permanent = failure in PERMANENT and not helper
         if failure is FailureClass.THROTTLED and not helper:
             self.bucket(registry).on_throttled(now)
+        throttled = failure in (FailureClass.THROTTLED, FailureClass.KUBELET_THROTTLED)
+        if failure is FailureClass.KUBELET_THROTTLED and state.pull_tokens is not None:
+            # The kubelet's bucket is empty now, also when pulls of other pods emptied it.
+            state.pull_tokens = 0.0
+            state.pull_stamp = now
         gave_up = not permanent and now - state.first_try.get(pod.image_hash, now) > self.limits.prepull_deadline
         if permanent or gave_up:
             state.failed[pod.image_hash] = failure.value
             state.retry_at.pop(pod.image_hash, None)
             state.dirty = True
         else:
-            self._schedule_retry(state, pod.image_hash, now, throttled=failure is FailureClass.THROTTLED)
+            self._schedule_retry(state, pod.image_hash, now, throttled=throttled)
         report = Failure(
             node=state.node.name,
             pod=pod.name,
@@ -553,8 +602,8 @@ class Scheduler:
         attempts = state.attempts.get(image_hash, 0) + 1
         state.attempts[image_hash] = attempts
         if throttled:
-            # The registry's token bucket already spaces out retries; a short jitter
-            # keeps retries of many nodes from lining up.
+            # The registry's and the node's token buckets already space out retries; a
+            # short jitter keeps retries of many nodes from lining up.
             delay = self.rng.uniform(0.5, 1.5)
         else:
             ceiling = min(self.limits.retry_max, self.limits.retry_initial * 2 ** (attempts - 1))

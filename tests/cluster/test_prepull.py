@@ -295,3 +295,30 @@ async def test_throttling_adapts_rate(api_client, custom, namespace, nodes, kube
     )
     assert fixed > 0
     assert adaptive < fixed
+
+
+async def _run_fast_pulls(api, custom, namespace, nodes, kubelet, start_controller, name: str, *args: str) -> int:
+    """Prepull 20 quick images on one new node and return the pulls its kubelet rejected."""
+    registry = f"{name}.pullqps.example"
+    kubelet.set_registry(registry, RegistryProfile(images=ImageProfile(pull_seconds=0.05)))
+    controller = await start_controller(*FAST, "--max-inflight-per-node=20", *args)
+    images = images_of(registry, 20)
+    await create_cache(custom, namespace, name, [{"image": i} for i in images])
+    [node] = await nodes.create(1, arch="amd64", prefix=f"{name}-{namespace[-4:]}")
+    await eventually(lambda: warm(api, node, len(images)), timeout=120)
+    await anyio.to_thread.run_sync(controller.stop)
+    await custom.delete_namespaced_custom_object("imgcache.io", "v1alpha1", namespace, "imagecaches", name)
+    return kubelet.node_pulls[node].qps_exceeded
+
+
+async def test_node_pull_limit_avoids_rejections(
+    api_client, custom, namespace, nodes, kubelet, start_controller
+):
+    # The simulated kubelet keeps the real defaults: registryPullQPS 5, registryBurst 10.
+    assert (kubelet.config.registry_pull_qps, kubelet.config.registry_burst) == (5.0, 10)
+    paced = await _run_fast_pulls(api_client, custom, namespace, nodes, kubelet, start_controller, "paced")
+    unpaced = await _run_fast_pulls(
+        api_client, custom, namespace, nodes, kubelet, start_controller, "unpaced", "--node-pull-qps=0"
+    )
+    assert unpaced > 0
+    assert paced == 0

@@ -27,6 +27,15 @@ OTHER = FailureClass.OTHER
 
 # (message, reason, expected class)
 MESSAGES = [
+    # The kubelet's own pull limit (registryPullQPS): the whole container status message,
+    # and the Failed event that wraps it.
+    pytest.param("pull QPS exceeded", "ErrImagePull", FailureClass.KUBELET_THROTTLED, id="kubelet-pull-qps"),
+    pytest.param(
+        'Failed to pull image "registry.example.com/app:v1": pull QPS exceeded',
+        None,
+        FailureClass.KUBELET_THROTTLED,
+        id="kubelet-pull-qps-event",
+    ),
     # Throttled
     pytest.param(
         'failed to pull and unpack image "docker.io/library/nginx:1.27": failed to copy: '
@@ -382,6 +391,7 @@ def test_classify_never_raises(message: str, reason: str | None) -> None:
     ("failure", "value"),
     [
         pytest.param(THROTTLED, "throttled", id="throttled"),
+        pytest.param(FailureClass.KUBELET_THROTTLED, "kubelet_throttled", id="kubelet-throttled"),
         pytest.param(NOT_FOUND, "not_found", id="not-found"),
         pytest.param(UNAUTHORIZED, "unauthorized", id="unauthorized"),
         pytest.param(PLATFORM, "platform_mismatch", id="platform"),
@@ -453,6 +463,12 @@ HINTS = [
     pytest.param(NETWORK, "quay.io", ["reach quay.io", "DNS"], id="network"),
     pytest.param(INVALID, "quay.io", ["reference is invalid"], id="invalid"),
     pytest.param(OTHER, "quay.io", ["kubelet message"], id="other"),
+    pytest.param(
+        FailureClass.KUBELET_THROTTLED,
+        "quay.io",
+        ["registryPullQPS", "registryBurst", "--node-pull-qps", "--node-pull-burst"],
+        id="kubelet-throttled",
+    ),
 ]
 
 

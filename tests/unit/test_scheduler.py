@@ -242,6 +242,96 @@ def test_registry_bucket_wake_time() -> None:
     assert wake == pytest.approx(0.25)
 
 
+# -- the kubelet's pull limit per node -------------------------------------------------
+
+
+KUBELET_THROTTLED = "pull QPS exceeded"
+
+
+def test_node_pull_limit_paces_starts() -> None:
+    nodes = [node("n1"), node("n2")]
+    _, clock, cluster = make_scheduler(
+        registry_images(REGISTRY, 30), nodes, max_inflight=100, max_inflight_per_node=100,
+        node_pull_qps=5.0, node_pull_burst=10,
+    )
+
+    first = cluster.plan()
+    # Until a pod's init container has run, each pod also pulls the helper image, so a
+    # burst of 10 pulls buys 5 pods per node.
+    assert Counter(node_names(first)) == {"n1": 5, "n2": 5}
+    for name in ("n1", "n2"):
+        cluster.report(next(launch for launch in first if launch.node.name == name), "running")
+    started = []
+    for _ in range(10):
+        clock.advance(0.2)
+        started.append(Counter(node_names(cluster.plan())))
+
+    # Then one pull, one pod, every 0.2 s on each node.
+    assert all(counts == {"n1": 1, "n2": 1} for counts in started)
+
+
+def test_node_pull_limit_wake_time() -> None:
+    scheduler, clock, cluster = make_scheduler(
+        registry_images(REGISTRY, 5), [node("n1")], max_inflight_per_node=10, node_pull_qps=4.0, node_pull_burst=2
+    )
+
+    launches, wake = scheduler.plan()
+    assert len(launches) == 1
+    assert wake == pytest.approx(0.5)
+
+    cluster.create(launches[0])
+    cluster.report(launches[0], "running")
+    clock.advance(0.5)
+    launches, wake = scheduler.plan()
+    assert len(launches) == 2
+    assert wake == pytest.approx(0.25)
+
+
+def test_node_pull_limit_zero_disables() -> None:
+    _, _, cluster = make_scheduler(
+        registry_images(REGISTRY, 30), [node("n1")], max_inflight_per_node=100, max_inflight=100,
+        node_pull_qps=0.0, node_pull_burst=1,
+    )
+
+    assert len(cluster.plan()) == 30
+
+
+def test_kubelet_throttled_retries_soon() -> None:
+    scheduler, clock, cluster = make_scheduler(
+        registry_images(REGISTRY, 4), [node("n1")], max_inflight_per_node=2, registry_qps=10.0, registry_burst=10,
+        node_pull_qps=5.0, node_pull_burst=10,
+    )
+    first, _ = cluster.plan()
+
+    _, failures, _ = cluster.report(first, "pull_error", message=KUBELET_THROTTLED)
+
+    state = scheduler.nodes["n1"]
+    assert failures[0].failure is FailureClass.KUBELET_THROTTLED
+    assert not failures[0].permanent
+    # The registry did not throttle, so its rate stays.
+    assert scheduler.buckets[REGISTRY].rate == 10.0
+    assert 0.5 <= state.retry_at[first.image.hash] - clock() <= 1.5
+    # The kubelet's bucket is empty, so the node's next start waits for one token: the
+    # failed pull shows that the helper image is present.
+    launches, wake = scheduler.plan()
+    assert launches == []
+    assert wake == pytest.approx(0.2)
+    clock.advance(0.2)
+    assert len(cluster.plan()) == 1
+
+
+def test_launch_failed_refunds_node_tokens() -> None:
+    scheduler, _, _ = make_scheduler(
+        registry_images(REGISTRY, 3), [node("n1")], max_inflight_per_node=10, node_pull_qps=1.0, node_pull_burst=2
+    )
+    (launch,), _ = scheduler.plan()
+
+    scheduler.launch_failed(launch, retry_after=5.0)
+
+    (relaunch,), _ = scheduler.plan()
+    assert relaunch.image.hash != launch.image.hash
+
+
 def test_registry_buckets_are_separate() -> None:
     images = registry_images(REGISTRY, 5) + registry_images(OTHER_REGISTRY, 5)
     _, _, cluster = make_scheduler(images, [node("n1")], max_inflight_per_node=10, registry_qps=1.0, registry_burst=1)
