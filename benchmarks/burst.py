@@ -14,7 +14,17 @@ from typing import Any
 import anyio
 from kubernetes_asyncio import client as k8s_client
 
-from benchmarks.catalog import MB, ImageSet, draw_sizes, image_pod, kubelet_config, lower_bound
+from benchmarks.catalog import (
+    KUBELET_PULL_BURST,
+    KUBELET_PULL_QPS,
+    MB,
+    PULL_LATENCY,
+    ImageSet,
+    draw_sizes,
+    image_pod,
+    kubelet_config,
+    lower_bound,
+)
 from benchmarks.cluster import BENCH_NAMESPACE, GROUP_LABEL, BenchCluster
 from benchmarks.observe import first_present, registry_counts, requests_by_pod_kind, wait_present
 from testbed.kubelet import RegistryProfile, SimulatedKubelet
@@ -86,7 +96,11 @@ async def run(cluster: BenchCluster, quick: bool) -> JSON:
             "image_sizes_bytes": list(sizes),
             "total_bytes_per_node": sum(sizes),
             "registry_request_model": "one request per pull attempt (the manifest); layer requests are not modelled",
-            "kubelet": "no Created/Started container Events, to save CPU; every pull Event is written",
+            "kubelet": (
+                f"registryPullQPS {KUBELET_PULL_QPS:g} with registryBurst {KUBELET_PULL_BURST} per node, "
+                f"{PULL_LATENCY:g} s of registry round trips before each pull's first byte, no Created/Started "
+                "container Events, to save CPU; every pull Event is written"
+            ),
         },
         "bound": bound,
         "runs": runs,

@@ -26,6 +26,13 @@ SIZE_MAX = 1_500 * MB
 # pod runs as its init container: Debian bookworm's static busybox, 1.98 MB, or 1.03 MB
 # gzip-compressed as a layer is. The image itself was not built here.
 HELPER_SIZE = 1_030_000
+# The kubelet's registryPullQPS and registryBurst defaults.
+KUBELET_PULL_QPS = 5.0
+KUBELET_PULL_BURST = 10
+# Time a pull spends before its first layer byte: about five sequential requests (token,
+# image index, platform manifest, config blob, layer redirect) at 60 ms each.
+# NOTE: this value is an estimate, like the size spread, and the page states it.
+PULL_LATENCY = 0.3
 
 
 @dataclass(frozen=True)
@@ -73,12 +80,19 @@ def lower_bound(
 
 
 def kubelet_config(bandwidth: float, time_scale: float, **options: Any) -> KubeletConfig:
-    """Simulator settings shared by the scenarios: the kubelet's real back-off of 10 s doubling to 300 s."""
+    """Return the simulator settings that the scenarios share.
+
+    They are the kubelet's back-off of 10 s doubling to 300 s, its default pull limit per
+    node, and each pull's round trips before its first byte.
+    """
     config = KubeletConfig(
         node_bandwidth=bandwidth,
         default_image_size=50 * MB,
         backoff_initial=10.0,
         backoff_max=300.0,
+        registry_pull_qps=KUBELET_PULL_QPS,
+        registry_burst=KUBELET_PULL_BURST,
+        pull_latency=PULL_LATENCY,
         time_scale=time_scale,
         **options,
     )

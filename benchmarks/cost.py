@@ -49,13 +49,13 @@ class CostParams:
 def params(quick: bool) -> CostParams:
     return CostParams(
         latency_samples=8 if quick else 30,
-        throughput_rounds=1 if quick else 3,
+        throughput_rounds=2 if quick else 6,
         throughput_nodes=20,
         throughput_images=20,
         concurrency=IMGCACHE_CONCURRENCY,
         # Caps and rates are opened so that they do not limit the measured creation rate.
-        imgcache_flags=("--pinner=false", "--max-inflight=2000", "--max-inflight-per-node=100",
-                        "--registry-qps=100000", "--registry-burst=100000"),
+        imgcache_flags=("--pinner=false", "--max-inflight=5000", "--max-inflight-per-node=100",
+                        "--registry-qps=100000", "--registry-burst=100000", "--node-pull-qps=0"),
     )
 
 
@@ -104,11 +104,16 @@ async def run(cluster: BenchCluster, quick: bool) -> JSON:
 
         round_trips = await _client_round_trips(cluster, p.latency_samples)
         for round_index in range(p.throughput_rounds):
-            rate = await _imgcache_throughput(cluster, nodes, pods, p, round_index)
-            throughput["imgcache"].append(rate)
-            rate, reported = await _bare_throughput(cluster, pods, p, round_index)
-            throughput["bare"].append(rate)
-            bare_reported.append(reported)
+            # Every other round runs the bare loop first, so that neither side always meets
+            # the cluster after the other side's pods.
+            sides = ("imgcache", "bare") if round_index % 2 == 0 else ("bare", "imgcache")
+            for side in sides:
+                if side == "imgcache":
+                    rate = await _imgcache_throughput(cluster, nodes, pods, p, round_index)
+                else:
+                    rate, reported = await _bare_throughput(cluster, pods, p, round_index)
+                    bare_reported.append(reported)
+                throughput[side].append(rate)
         group.cancel_scope.cancel()
 
     await cluster.stop_controller(controller)

@@ -57,7 +57,8 @@ def _warmup_goals(data: JSON) -> list[JSON]:
                                None, False, "imgcache unfinished"))
             continue
         lead = mine["seconds"] / best if best is not None else None
-        met = best is None or mine["seconds"] < best
+        # Ahead means beyond the run-to-run spread of one strategy, about 1 %.
+        met = best is None or mine["seconds"] <= 0.99 * best
         text = (f"{lead:.3f} x fastest baseline" if lead is not None else "every baseline unfinished")
         found.append(_goal("warmup", f"warm-up, registry '{regime['name']}': imgcache ahead of every baseline",
                            lead, met, text))
@@ -221,15 +222,21 @@ def _render_warmup(add: Any, data: JSON) -> None:
         f"are drawn with seed {p['seed']} from a log-normal spread (median 40 MB, sigma 1.2, clipped to "
         f"0.3 MB..1.5 GB). In MB they are {', '.join(f'{s / 1e6:.0f}' for s in sorted(p['image_sizes_bytes']))}. "
         "The node "
-        f"downloads {p['bandwidth'] / 1e6:.0f} MB/s, shared equally by its concurrent pulls; the kubelet pulls "
-        "in parallel without a limit and backs off 10 s, doubling to 300 s, after a failed pull. imgcache "
+        f"downloads {p['bandwidth'] / 1e6:.0f} MB/s, shared equally by its concurrent pulls. Each pull first "
+        f"spends {p.get('pull_latency_seconds', 0.0):g} s on registry round trips (token, image index, platform "
+        "manifest, config blob, layer redirect: about five requests at 60 ms) before its first layer byte; "
+        "that wait uses no bandwidth. The kubelet pulls in parallel without a cap, refuses pulls beyond its "
+        f"default limit of {p.get('kubelet_pull_qps', 0):g} starts per second with a burst of "
+        f"{p.get('kubelet_pull_burst', 0)} (registryPullQPS, registryBurst) with `pull QPS exceeded`, and "
+        "backs off 10 s, doubling to 300 s, after a failed pull. imgcache "
         "runs with its default flags, pinner included; its helper image "
         f"({p.get('helper_image_bytes', 70e6) / 1e6:.2f} MB) is not counted in the bound.")
     add("")
     add("Each strategy gets its own node and its own registry host with the same images and quota, so all of "
         "them run at the same time. The time is from the node's create request to the end of the last image's "
         "first successful pull. The bound is max(total bytes / bandwidth, (requests - burst) / quota), with one "
-        "registry request per pull.")
+        "registry request per pull. imgcache counts as ahead of a baseline only when it finishes at least 1 % "
+        "sooner, because runs of the same strategy differ by about that much.")
     add("")
 
     for name, text in p["strategies"].items():
@@ -244,14 +251,16 @@ def _render_warmup(add: Any, data: JSON) -> None:
         add(f"Registry **{regime['name']}**: {regime['text']}. Bound {bound['seconds']:.1f} s "
             f"(bandwidth term {bound['bandwidth_term']:.1f} s, quota term {bound['quota_term']:.1f} s).")
         add("")
-        add("| Strategy | First pull after | Time to all images | / bound | Registry requests | Throttled |")
-        add("| --- | --- | --- | --- | --- | --- |")
+        add("| Strategy | First pull after | Time to all images | / bound | Registry requests | Throttled "
+            "| Refused by kubelet |")
+        add("| --- | --- | --- | --- | --- | --- | --- |")
         for row in (r for r in data["results"] if r["regime"] == regime["name"]):
             note = f" (first tick after {row['tick_after_seconds']:.0f} s)" if "tick_after_seconds" in row else ""
             counts = row["registry_requests"]
             add(f"| {row['strategy']}{note} | {_seconds(row.get('first_pull_seconds'))} | "
                 f"{_seconds(row['seconds'], p['deadline'])} | "
-                f"{_ratio(row['ratio'], row['ratio_at_least'])} | {counts['total']} | {counts['throttled']} |")
+                f"{_ratio(row['ratio'], row['ratio_at_least'])} | {counts['total']} | {counts['throttled']} | "
+                f"{row.get('kubelet_refused', 0)} |")
 
         mine = next(r for r in data["results"] if r["regime"] == regime["name"] and r["strategy"] == "imgcache")
         kinds = mine["requests_by_pod_kind"]
@@ -287,15 +296,15 @@ def _render_burst(add: Any, data: JSON) -> None:
     add("")
 
     add("| Run | Completion | / bound | Pairs present | Registry requests | / minimum | Throttled "
-        "| Requests by pod kind |")
-    add("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        "| Refused by kubelet | Requests by pod kind |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, run in data["runs"].items():
         counts = run["registry_requests"]
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(run["requests_by_pod_kind"].items()))
         add(f"| {name} | {_seconds(run['seconds'], run['deadline_seconds'])} | "
             f"{_ratio(run['ratio'], run['ratio_at_least'])} | {run['pairs_present']} / {run['pairs_expected']} | "
             f"{counts['total']} | {run['requests_per_minimum']:.2f} | {run['throttled_share'] * 100:.1f} % | "
-            f"{kinds} |")
+            f"{run['kubelet_totals']['pulls'].get('qps_exceeded', 0)} | {kinds} |")
     add("")
 
     mine = data["runs"].get("imgcache")
@@ -347,7 +356,10 @@ def _render_cost(add: Any, data: JSON) -> None:
         f"{rates['imgcache']:.0f} pods/s, bare create loop {rates['bare']:.0f} pods/s, ratio "
         f"{data['create_throughput_ratio']:.2f}. Rates are from the first to the last pod's ADDED event. "
         "Both sides start with their nodes in place: imgcache gets all its pods from one new ImageCache "
-        "that selects the round's nodes, the bare loop from a list of them.")
+        "that selects the round's nodes, the bare loop from a list of them. The side that goes first "
+        "alternates from round to round. Rates per round: imgcache "
+        f"{', '.join(f'{r:.0f}' for r in data['create_throughput_pods_per_second']['imgcache'])}; bare "
+        f"{', '.join(f'{r:.0f}' for r in data['create_throughput_pods_per_second']['bare'])}.")
     if "client_round_trip_median" in data:
         trips = data["client_round_trip_median"]
         add(f"- One pod create at a time, the same body, server and token: imgcache's API client "
@@ -440,7 +452,10 @@ def _render_model(add: Any) -> None:
     add("")
     add("- A node's bandwidth is shared equally by its concurrent pulls, and one pull alone gets all of it. Real "
         "pulls of one image rarely fill a node's link, so the simulator favours serial pulls (the pinner "
-        "baseline) over what a real node would show.")
+        "baseline) over what a real node would show. Serial pulls pay only the fixed round trips before each "
+        "pull's first byte. With those set to 0 and without the kubelet's pull limit, imgcache, the pinner and "
+        "the unbounded baseline all finished the single-node warm-up within 1.5 % of the bound (run of "
+        "2026-12-04).")
     add("- Each pull attempt is one registry request; layer requests, authentication and manifest lists are "
         "not modelled.")
     add("- The baselines create their pods the moment the node's create request returns, with no reaction "

@@ -16,7 +16,18 @@ from typing import Any
 import anyio
 from kubernetes_asyncio import client as k8s_client
 
-from benchmarks.catalog import HELPER_SIZE, MB, ImageSet, draw_sizes, image_pod, kubelet_config, lower_bound
+from benchmarks.catalog import (
+    HELPER_SIZE,
+    KUBELET_PULL_BURST,
+    KUBELET_PULL_QPS,
+    MB,
+    PULL_LATENCY,
+    ImageSet,
+    draw_sizes,
+    image_pod,
+    kubelet_config,
+    lower_bound,
+)
 from benchmarks.cluster import BENCH_NAMESPACE, GROUP_LABEL, BenchCluster, poll
 from benchmarks.observe import first_present, registry_counts, requests_by_pod_kind, wait_present
 from testbed.controller import HELPER_IMAGE
@@ -135,6 +146,7 @@ async def run(cluster: BenchCluster, quick: bool) -> JSON:
                 "ratio": elapsed / bound["seconds"] if elapsed is not None else None,
                 "ratio_at_least": p.deadline / bound["seconds"],
                 "registry_requests": registry_counts(sim, _host(regime, strategy)),
+                "kubelet_refused": sim.node_pulls[node].qps_exceeded,
                 "requests_by_pod_kind": requests_by_pod_kind(sim, _host(regime, strategy)),
             }
             if strategy == "periodic":
@@ -160,6 +172,9 @@ async def run(cluster: BenchCluster, quick: bool) -> JSON:
             "strategies": {name: text.format(images=p.images) for name, text in STRATEGY_TEXT.items()},
             "imgcache_flags": "defaults",
             "helper_image_bytes": HELPER_SIZE,
+            "kubelet_pull_qps": KUBELET_PULL_QPS,
+            "kubelet_pull_burst": KUBELET_PULL_BURST,
+            "pull_latency_seconds": PULL_LATENCY,
         },
         "bounds": {r.name: lower_bound(sum(sizes), p.bandwidth, p.images, r.qps, r.burst) for r in p.regimes},
         "results": results,
