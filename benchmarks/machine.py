@@ -39,7 +39,7 @@ def revision(repo: Path) -> JSON:
 
 
 def other_workloads(own_root: str) -> dict[str, int]:
-    """Count processes of other people's work: test runs and control planes not started by this run."""
+    """Count processes of other work: test runs and control planes that this run did not start."""
     counts = {"pytest": 0, "kube-apiserver": 0}
     own_pid = os.getpid()
     for entry in Path("/proc").iterdir():
@@ -58,7 +58,7 @@ def other_workloads(own_root: str) -> dict[str, int]:
 
 
 class LoadSampler:
-    """Sampler of the 1-minute load average and of other people's processes while the suite runs."""
+    """Sampler of the 1-minute load average and of other work's processes while the suite runs."""
 
     def __init__(self, own_root: str) -> None:
         self.own_root = own_root

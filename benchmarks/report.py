@@ -174,14 +174,17 @@ def render(results: JSON, images: list[str]) -> str:
     commits = sorted({r["commit"] for r in started.values()})
     if len(commits) > 1:
         same = _same_imgcache(commits) and not any(r["imgcache_uncommitted"] for r in started.values())
-        add("- Other people committed while the suite ran, so the controllers started from different commits ("
+        add("- Commits landed while the suite ran, so the controllers started from different commits ("
             + "; ".join(f"{name} at `{r['commit'][:12]}`" for name, r in started.items())
             + "). " + ("imgcache/ is the same in all of them." if same else "imgcache/ differs between them."))
     others = load["other_processes_max"]
-    if load["shared"]:
-        add(f"- The machine was **shared**: other people's work ran at the same time (seen in samples every 30 s: "
+    if others["pytest"] or others["kube-apiserver"]:
+        add(f"- The machine was **shared**: other work ran at the same time (seen in samples every 30 s: "
             f"up to {others['pytest']} pytest processes and {others['kube-apiserver']} kube-apiserver processes "
             "of other clusters).")
+    elif load["shared"]:
+        add(f"- The machine was **busy** when the suite started (1-minute load average "
+            f"{load['loadavg_before'][0]}), though no other test run or cluster was seen during it.")
     else:
         add("- The machine was not shared: no other test run or cluster was seen.")
     add(f"- Load average (1, 5, 15 min), this suite's own load included: before {load['loadavg_before']}, after "
@@ -225,7 +228,7 @@ def _render_warmup(add: Any, data: JSON) -> None:
         f"downloads {p['bandwidth'] / 1e6:.0f} MB/s, shared equally by its concurrent pulls. Each pull first "
         f"spends {p.get('pull_latency_seconds', 0.0):g} s on registry round trips (token, image index, platform "
         "manifest, config blob, layer redirect: about five requests at 60 ms) before its first layer byte; "
-        "that wait uses no bandwidth. The kubelet pulls in parallel without a cap, refuses pulls beyond its "
+        "that wait uses no bandwidth. The kubelet pulls in parallel without a cap, rejects pulls beyond its "
         f"default limit of {p.get('kubelet_pull_qps', 0):g} starts per second with a burst of "
         f"{p.get('kubelet_pull_burst', 0)} (registryPullQPS, registryBurst) with `pull QPS exceeded`, and "
         "backs off 10 s, doubling to 300 s, after a failed pull. imgcache "
