@@ -69,10 +69,12 @@ class NodeStore:
 
     ``on_platforms`` is called only when the set of node platforms changes, because that
     is all the pinner needs to know. A routine node update costs no pass over all nodes.
+    ``on_membership`` is called when a node joins or leaves.
     """
 
     worker: PrepullWorker
     on_platforms: Callable[[], None]
+    on_membership: Callable[[], None]
     nodes: dict[str, Node] = field(default_factory=dict)
     platforms: Counter[str] = field(default_factory=Counter)
 
@@ -87,12 +89,15 @@ class NodeStore:
         self.nodes = fresh
         self.platforms = Counter(node.platform for node in fresh.values())
         self.on_platforms()
+        self.on_membership()
 
     def upsert(self, obj: JSON) -> None:
         node = node_from_json(obj)
         old = self.nodes.get(node.name)
         self.nodes[node.name] = node
         self.worker.node_upserted(node, str(obj["metadata"].get("resourceVersion", "")))
+        if old is None:
+            self.on_membership()
         if old is None or old.platform != node.platform:
             self._count(node.platform, +1)
             if old is not None:
@@ -103,6 +108,7 @@ class NodeStore:
         old = self.nodes.pop(name, None)
         self.worker.node_removed(name)
         if old is not None:
+            self.on_membership()
             self._count(old.platform, -1)
 
     def _count(self, platform: str, delta: int) -> None:
@@ -222,12 +228,12 @@ class Controller:
         options = PinnerOptions(
             settings.namespace, helper_image, settings.priority_class, settings.host_network, prepull=settings.prepull
         )
-        self.nodes = NodeStore(self.worker, self.pinner_platforms_changed)
+        self.status = StatusWriter(kube, self.catalogue, self.scheduler, settings.status_interval, settings.identity)
+        self.nodes = NodeStore(self.worker, self.pinner_platforms_changed, self.status.poke)
         self.pinner = PinnerReconciler(
             kube, self.catalogue, lambda: list(self.nodes.nodes.values()), options, metrics, settings.pin_debounce
         )
         self.pull_through = PullThroughRefresher(settings, self.catalogue, self.scheduler, metrics)
-        self.status = StatusWriter(kube, self.catalogue, self.scheduler, settings.status_interval, settings.identity)
         self.catalogue.subscribe(self._catalogue_changed)
         watch = WatchSettings(server_timeout=settings.watch_timeout, read_timeout=settings.watch_read_timeout)
         ns = settings.namespace

@@ -215,3 +215,27 @@ async def test_cluster_wide_events_view(api_client, cluster, custom, namespace, 
         await anyio.to_thread.run_sync(
             lambda: kubectl(cluster, "delete", "-f", str(component), "--ignore-not-found", check=False)
         )
+
+
+async def test_node_join_writes_status_soon(api_client, custom, namespace, nodes, kubelet, start_controller):
+    # A status interval far longer than the test, so only the node's arrival can cause a write.
+    await start_controller("--pinner=false", "--status-interval=300", "--progress-interval=0.5")
+    kubelet.set_registry("slow.example", RegistryProfile(images=ImageProfile(pull_seconds=60.0)))
+    await create_cache(custom, namespace, "joins", ["slow.example/team/app:v1"])
+
+    async def status() -> dict:
+        obj = await custom.get_namespaced_custom_object("imgcache.io", "v1alpha1", namespace, "imagecaches", "joins")
+        return obj.get("status") or {}
+
+    await nodes.create(1, arch="amd64")
+
+    # The new node's pull takes 60 s, so the ImageCache is not Ready while it lasts.
+    written = await eventually(lambda: _ready_is(status, "False"), timeout=10)
+    assert written["images"][0]["pending"] == 1
+    assert written["images"][0]["cached"] == 0
+
+
+async def _ready_is(read, expected: str) -> dict | None:
+    current = await read()
+    conditions = {c["type"]: c["status"] for c in current.get("conditions", [])}
+    return current if conditions.get("Ready") == expected else None
