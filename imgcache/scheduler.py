@@ -128,6 +128,10 @@ class NodeState:
     # Mirror of the kubelet's pull-start bucket; None until the node's first launch.
     pull_tokens: float | None = None
     pull_stamp: float = 0.0
+    # Length of the node's queue after its last plan, and the catalogue version of that
+    # queue. plan() reuses the length while the node is at its cap.
+    queue_length: int = 0
+    queue_version: int = -1
     # Whether a prepull pod's init container ran here, so the helper image is present.
     # Until then every pod costs two pulls: the helper image and its own image.
     helper_seen: bool = False
@@ -322,13 +326,26 @@ class Scheduler:
             self._rotation_version = version
             for state in self.nodes.values():
                 self._activate(state)
-        queues = {name: self._waiting(self.nodes[name], now) for name in self.rotation}
-        self.last_queue_depth = sum(len(queue) for queue in queues.values())
+        cap = self.limits.max_inflight_per_node
+        queues: dict[str, list[CatalogueImage]] = {}
+        depth = 0
+        for name in self.rotation:
+            state = self.nodes[name]
+            if len(state.inflight) >= cap and not state.retry_at and state.queue_version == version:
+                # A node at its cap starts nothing in this plan, and its queue cannot have
+                # changed without a completion, a retry or a new catalogue.
+                depth += state.queue_length
+                continue
+            queues[name] = self._waiting(state, now)
+            depth += len(queues[name])
+        self.last_queue_depth = depth
         # Nodes with something to start now take turns, and nodes with a retry due later
         # keep their order behind them. The others leave the rotation, even with pods in
         # flight, because a failure, retry or deletion brings them back via _activate().
-        active = deque(name for name in self.rotation if queues[name])
-        waiting = [name for name in self.rotation if not queues[name] and self.nodes[name].retry_at]
+        active = deque(
+            name for name in self.rotation if (queues[name] if name in queues else self.nodes[name].queue_length)
+        )
+        waiting = [name for name in queues if not queues[name] and self.nodes[name].retry_at]
         self._rotating = set(active) | set(waiting)
         empty: dict[str, float] = {}
         progressed = True
@@ -357,6 +374,10 @@ class Scheduler:
                         state.pull_tokens -= cost
                     launches.append(launch)
                     progressed = True
+        for name, queue in queues.items():
+            state = self.nodes[name]
+            state.queue_length = len(queue)
+            state.queue_version = version
         active.extend(waiting)
         self.rotation = active
         for name in self.rotation:

@@ -771,6 +771,34 @@ def test_warm_nodes_share_one_done_set() -> None:
     assert scheduler.nodes["cold"].done == frozenset()
 
 
+def test_node_at_cap_reuses_its_queue() -> None:
+    scheduler, _, cluster = make_scheduler(
+        registry_images(REGISTRY, 10), [node("n1")], max_inflight_per_node=2, node_pull_qps=0.0
+    )
+    built: list[str] = []
+    waiting = scheduler._waiting
+
+    def counting(state: NodeState, now: float) -> list[Any]:
+        built.append(state.node.name)
+        return waiting(state, now)
+
+    scheduler._waiting = counting  # type: ignore[method-assign]
+    first = cluster.plan()
+    assert len(first) == 2
+    assert scheduler.last_queue_depth == 10
+
+    # At its cap the node starts nothing, so its queue is not built again.
+    assert cluster.plan() == []
+    assert built == ["n1"]
+    assert scheduler.last_queue_depth == 8
+    assert "n1" in scheduler.rotation
+
+    cluster.report(first[0], "succeeded")
+    (launch,) = cluster.plan()
+    assert built == ["n1", "n1"]
+    assert launch.image.hash not in hashes(first)
+
+
 def test_idle_nodes_leave_rotation_until_work_returns() -> None:
     scheduler, _, cluster = make_scheduler(registry_images(REGISTRY, 2), max_inflight=200, max_inflight_per_node=2)
     all_hashes = sorted(scheduler.catalogue.images)
