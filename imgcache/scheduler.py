@@ -129,7 +129,8 @@ class NodeState:
     pull_tokens: float | None = None
     pull_stamp: float = 0.0
     # Length of the node's queue after its last plan, and the catalogue version of that
-    # queue. plan() reuses the length while the node is at its cap.
+    # queue (-1 when something outside plan() changed it). plan() reuses the length while
+    # the node cannot start a pod.
     queue_length: int = 0
     queue_version: int = -1
     # Whether a prepull pod's init container ran here, so the helper image is present.
@@ -207,6 +208,7 @@ class Scheduler:
             if (node.labels, node.os, node.arch) != (state.node.labels, state.node.os, state.node.arch):
                 state.applicable_version = -1
             state.node = node
+            state.queue_version = -1
             self._activate(state)
             # Annotations written by an earlier leader are merged, never dropped.
             if node.done >= state.done:
@@ -331,9 +333,11 @@ class Scheduler:
         depth = 0
         for name in self.rotation:
             state = self.nodes[name]
-            if len(state.inflight) >= cap and not state.retry_at and state.queue_version == version:
-                # A node at its cap starts nothing in this plan, and its queue cannot have
-                # changed without a completion, a retry or a new catalogue.
+            blocked = len(state.inflight) >= cap or self._node_wait(state, now, _pull_cost(state)) > 0
+            if blocked and not state.retry_at and state.queue_version == version:
+                # A node at its cap or out of pull tokens starts nothing in this plan. Its
+                # queue changes only through retries, a new catalogue or the events that
+                # reset queue_version, because a completion removes an image in flight.
                 depth += state.queue_length
                 continue
             queues[name] = self._waiting(state, now)
@@ -361,7 +365,7 @@ class Scheduler:
                 state = self.nodes[name]
                 if len(state.inflight) >= self.limits.max_inflight_per_node:
                     continue
-                cost = 1.0 if state.helper_seen else 2.0
+                cost = _pull_cost(state)
                 node_wait = self._node_wait(state, now, cost)
                 if node_wait > 0:
                     wake = node_wait if wake is None else min(wake, node_wait)
@@ -432,9 +436,9 @@ class Scheduler:
         self.bucket(launch.image.resolved.registry).release()
         if state is None or state.inflight.get(launch.image.hash) != launch.pod_name:
             return
+        state.queue_version = -1
         if state.pull_tokens is not None:
-            cost = 1.0 if state.helper_seen else 2.0
-            state.pull_tokens = min(float(self.limits.node_pull_burst), state.pull_tokens + cost)
+            state.pull_tokens = min(float(self.limits.node_pull_burst), state.pull_tokens + _pull_cost(state))
         del state.inflight[launch.image.hash]
         self.inflight -= 1
         state.retry_at[launch.image.hash] = self.clock() + retry_after
@@ -470,6 +474,7 @@ class Scheduler:
             state.inflight[pod.image_hash] = pod.name
             state.first_try.setdefault(pod.image_hash, pod.created or self.clock())
             self.inflight += 1
+            state.queue_version = -1
         if pod.deleting or state.inflight.get(pod.image_hash) != pod.name:
             return [], [], []
         image = self.catalogue.images.get(pod.image_hash)
@@ -510,6 +515,7 @@ class Scheduler:
             # Deleted by someone else before it finished: run it again.
             del state.inflight[pod.image_hash]
             self.inflight -= 1
+            state.queue_version = -1
             self._activate(state)
 
     def expired_pods(self) -> list[DeletePod]:
@@ -631,6 +637,11 @@ class Scheduler:
             delay = self.rng.uniform(ceiling / 2, ceiling)
         state.retry_at[image_hash] = now + delay
         self._activate(state)
+
+
+def _pull_cost(state: NodeState) -> float:
+    """Return the kubelet pulls one more prepull pod costs on this node."""
+    return 1.0 if state.helper_seen else 2.0
 
 
 def _pulled(pod: Pod) -> bool:

@@ -799,6 +799,32 @@ def test_node_at_cap_reuses_its_queue() -> None:
     assert launch.image.hash not in hashes(first)
 
 
+def test_node_out_of_tokens_reuses_its_queue() -> None:
+    scheduler, clock, cluster = make_scheduler(
+        registry_images(REGISTRY, 5), [node("n1")], max_inflight_per_node=10, node_pull_qps=1.0, node_pull_burst=2
+    )
+    built: list[str] = []
+    waiting = scheduler._waiting
+
+    def counting(state: NodeState, now: float) -> list[Any]:
+        built.append(state.node.name)
+        return waiting(state, now)
+
+    scheduler._waiting = counting  # type: ignore[method-assign]
+    (first,) = cluster.plan()
+
+    assert cluster.plan() == []
+    assert built == ["n1"]
+    assert scheduler.last_queue_depth == 4
+
+    # Deleted by someone else, the pod's image goes back into the queue.
+    cluster.scheduler.pod_deleted(cluster.pod(first, "pending"))
+    clock.advance(2.0)
+    (again,) = cluster.plan()
+    assert built == ["n1", "n1"]
+    assert again.image.hash == first.image.hash
+
+
 def test_idle_nodes_leave_rotation_until_work_returns() -> None:
     scheduler, _, cluster = make_scheduler(registry_images(REGISTRY, 2), max_inflight=200, max_inflight_per_node=2)
     all_hashes = sorted(scheduler.catalogue.images)
