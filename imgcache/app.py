@@ -214,6 +214,7 @@ class Controller:
             startup_taint_deadline=settings.startup_taint_deadline,
         )
         self.scheduler = Scheduler(self.catalogue, limits, clock=time.time)
+        self.status = StatusWriter(kube, self.catalogue, self.scheduler, settings.status_interval, settings.identity)
         self.worker = PrepullWorker(
             kube,
             self.scheduler,
@@ -224,11 +225,11 @@ class Controller:
             settings.host_network,
             settings.pod_deadline,
             settings.progress_interval,
+            on_node_finished=self.status.poke,
         )
         options = PinnerOptions(
             settings.namespace, helper_image, settings.priority_class, settings.host_network, prepull=settings.prepull
         )
-        self.status = StatusWriter(kube, self.catalogue, self.scheduler, settings.status_interval, settings.identity)
         self.nodes = NodeStore(self.worker, self.pinner_platforms_changed, self.status.poke)
         self.pinner = PinnerReconciler(
             kube, self.catalogue, lambda: list(self.nodes.nodes.values()), options, metrics, settings.pin_debounce

@@ -145,6 +145,7 @@ class PrepullWorker:
         pod_deadline: int,
         progress_interval: float,
         clock: Callable[[], float] = time.time,
+        on_node_finished: Callable[[], None] | None = None,
     ) -> None:
         self.kube = kube
         self.scheduler = scheduler
@@ -156,6 +157,7 @@ class PrepullWorker:
         self.pod_deadline = pod_deadline
         self.progress_interval = progress_interval
         self.clock = clock
+        self.on_node_finished = on_node_finished
         self.failures = FailureLog()
         self.active = False
         self._wake = anyio.Event()
@@ -373,6 +375,8 @@ class PrepullWorker:
                 seconds = max(0.0, self.clock() - state.node.created)
                 self.metrics.node_warmup.labels(platform=state.node.platform).observe(seconds)
             log.info("prepull.node_done", node=state.node.name, done=progress.done, failed=progress.failed)
+            if self.on_node_finished is not None:
+                self.on_node_finished()
         if self.active and self._group is not None:
             self._group.start_soon(self.flush, state)
 

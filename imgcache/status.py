@@ -23,9 +23,9 @@ from imgcache.scheduler import Scheduler
 
 log = structlog.get_logger(__name__)
 
-# Seconds from a node joining or leaving to the next status write. Nodes often join in
-# batches, and one write covers a whole batch.
-_MEMBERSHIP_DELAY = 1.0
+# Seconds from a node joining, leaving or finishing its prepull to the next status
+# write. Nodes often join and finish in batches, and one write covers a whole batch.
+_NODE_CHANGE_DELAY = 1.0
 
 # Event reasons, as stable names that users can alert or filter on.
 REASON_INVALID_ENTRY = "InvalidEntry"
@@ -151,7 +151,7 @@ class StatusWriter:
         self.written: dict[str, JSON] = {}
         self.previous_conditions: dict[str, list[JSON]] = {}
         self._warned: set[tuple[str, str, str]] = set()
-        self._membership_changed = False
+        self._nodes_changed = False
         self._wake: anyio.Event | None = None
 
     def seed(self, obj: JSON) -> None:
@@ -164,25 +164,25 @@ class StatusWriter:
             self.previous_conditions.setdefault(key, list(status.get("conditions") or []))
 
     def poke(self) -> None:
-        """Request a write soon, because a node joined or left and the counts changed.
+        """Request a write soon, because a node joined, left or finished its prepull.
 
         Without it, an ImageCache would stay Ready for up to one interval while a new
-        node has none of its images.
+        node has none of its images, and turn Ready up to one interval late.
         """
-        self._membership_changed = True
+        self._nodes_changed = True
         if self._wake is not None:
             self._wake.set()
 
     async def run(self) -> None:
         while True:
-            self._membership_changed = False
+            self._nodes_changed = False
             self._wake = anyio.Event()
             await self.write_all()
-            if not self._membership_changed:
+            if not self._nodes_changed:
                 with anyio.move_on_after(self.interval):
                     await self._wake.wait()
-            if self._membership_changed:
-                await anyio.sleep(min(_MEMBERSHIP_DELAY, self.interval))
+            if self._nodes_changed:
+                await anyio.sleep(min(_NODE_CHANGE_DELAY, self.interval))
 
     async def write_all(self) -> None:
         counts = image_counts(self.scheduler)

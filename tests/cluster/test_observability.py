@@ -217,10 +217,10 @@ async def test_cluster_wide_events_view(api_client, cluster, custom, namespace, 
         )
 
 
-async def test_node_join_writes_status_soon(api_client, custom, namespace, nodes, kubelet, start_controller):
-    # A status interval far longer than the test, so only the node's arrival can cause a write.
+async def test_node_changes_write_status_soon(api_client, custom, namespace, nodes, kubelet, start_controller):
+    # A status interval far longer than the test, so only node changes can cause writes.
     await start_controller("--pinner=false", "--status-interval=300", "--progress-interval=0.5")
-    kubelet.set_registry("slow.example", RegistryProfile(images=ImageProfile(pull_seconds=60.0)))
+    kubelet.set_registry("slow.example", RegistryProfile(images=ImageProfile(pull_seconds=8.0)))
     await create_cache(custom, namespace, "joins", ["slow.example/team/app:v1"])
 
     async def status() -> dict:
@@ -229,10 +229,15 @@ async def test_node_join_writes_status_soon(api_client, custom, namespace, nodes
 
     await nodes.create(1, arch="amd64")
 
-    # The new node's pull takes 60 s, so the ImageCache is not Ready while it lasts.
-    written = await eventually(lambda: _ready_is(status, "False"), timeout=10)
-    assert written["images"][0]["pending"] == 1
-    assert written["images"][0]["cached"] == 0
+    # The new node's pull takes 8 s, so the ImageCache is not Ready while it lasts.
+    pulling = await eventually(lambda: _ready_is(status, "False"), timeout=6)
+    assert pulling["images"][0]["pending"] == 1
+    assert pulling["images"][0]["cached"] == 0
+
+    # Once the node has the image, Ready turns True without waiting for the interval.
+    warm = await eventually(lambda: _ready_is(status, "True"), timeout=20)
+    assert warm["images"][0]["cached"] == 1
+    assert warm["images"][0]["pending"] == 0
 
 
 async def _ready_is(read, expected: str) -> dict | None:
