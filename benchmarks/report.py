@@ -223,15 +223,15 @@ def _render_warmup(add: Any, data: JSON) -> None:
     add("")
     add(f"One kwok node joins and needs {p['images']} images of {p['total_bytes'] / 1e9:.2f} GB in total. Sizes "
         f"are drawn with seed {p['seed']} from a log-normal spread (median 40 MB, sigma 1.2, clipped to "
-        f"0.3 MB..1.5 GB). In MB they are {', '.join(f'{s / 1e6:.0f}' for s in sorted(p['image_sizes_bytes']))}. "
+        f"0.3 MB..1.5 GB). Their sizes in MB: {', '.join(f'{s / 1e6:.0f}' for s in sorted(p['image_sizes_bytes']))}. "
         "The node "
         f"downloads {p['bandwidth'] / 1e6:.0f} MB/s, shared equally by its concurrent pulls. Each pull first "
         f"spends {p.get('pull_latency_seconds', 0.0):g} s on registry round trips (token, image index, platform "
         "manifest, config blob, layer redirect: about five requests at 60 ms) before its first layer byte; "
-        "that wait uses no bandwidth. The kubelet pulls in parallel without a cap, rejects pulls beyond its "
+        "that wait uses no bandwidth. The kubelet pulls in parallel without a cap. It rejects pulls beyond its "
         f"default limit of {p.get('kubelet_pull_qps', 0):g} starts per second with a burst of "
-        f"{p.get('kubelet_pull_burst', 0)} (registryPullQPS, registryBurst) with `pull QPS exceeded`, and "
-        "backs off 10 s, doubling to 300 s, after a failed pull. imgcache "
+        f"{p.get('kubelet_pull_burst', 0)} (registryPullQPS, registryBurst) with `pull QPS exceeded`. After a "
+        "failed pull it backs off 10 s, doubling to 300 s. imgcache "
         "runs with its default flags, pinner included; its helper image "
         f"({p.get('helper_image_bytes', 70e6) / 1e6:.2f} MB) is not counted in the bound.")
     add("")

@@ -771,18 +771,24 @@ def test_warm_nodes_share_one_done_set() -> None:
     assert scheduler.nodes["cold"].done == frozenset()
 
 
+def record_queue_builds(scheduler: Scheduler) -> list[str]:
+    """Return a list that grows by a node name each time the scheduler builds that node's queue."""
+    built: list[str] = []
+    waiting = scheduler._waiting
+
+    def recording(state: NodeState, now: float) -> list[Any]:
+        built.append(state.node.name)
+        return waiting(state, now)
+
+    scheduler._waiting = recording  # type: ignore[method-assign]
+    return built
+
+
 def test_node_at_cap_reuses_its_queue() -> None:
     scheduler, _, cluster = make_scheduler(
         registry_images(REGISTRY, 10), [node("n1")], max_inflight_per_node=2, node_pull_qps=0.0
     )
-    built: list[str] = []
-    waiting = scheduler._waiting
-
-    def counting(state: NodeState, now: float) -> list[Any]:
-        built.append(state.node.name)
-        return waiting(state, now)
-
-    scheduler._waiting = counting  # type: ignore[method-assign]
+    built = record_queue_builds(scheduler)
     first = cluster.plan()
     assert len(first) == 2
     assert scheduler.last_queue_depth == 10
@@ -803,14 +809,7 @@ def test_node_out_of_tokens_reuses_its_queue() -> None:
     scheduler, clock, cluster = make_scheduler(
         registry_images(REGISTRY, 5), [node("n1")], max_inflight_per_node=10, node_pull_qps=1.0, node_pull_burst=2
     )
-    built: list[str] = []
-    waiting = scheduler._waiting
-
-    def counting(state: NodeState, now: float) -> list[Any]:
-        built.append(state.node.name)
-        return waiting(state, now)
-
-    scheduler._waiting = counting  # type: ignore[method-assign]
+    built = record_queue_builds(scheduler)
     (first,) = cluster.plan()
 
     assert cluster.plan() == []
